@@ -1,0 +1,1 @@
+"""Converters from public raw downloads into nnU-Net raw format plus ssl_split.json."""

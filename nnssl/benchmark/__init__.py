@@ -1,0 +1,1 @@
+"""Benchmark harness: trainers side by side on one dataset."""

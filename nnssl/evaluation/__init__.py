@@ -1,0 +1,1 @@
+"""Segmentation evaluation: Dice, NSD, HD95, ASD per case and class."""

@@ -1,0 +1,1 @@
+"""Preprocessing of unlabeled cases with the dataset's own nnU-Net plans."""
