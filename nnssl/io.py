@@ -48,6 +48,7 @@ def atomic_output_dir(final: str | os.PathLike, overwrite: bool = False) -> Iter
         raise FileExistsError(f"{final} already exists; pass --overwrite to replace it")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial.", dir=final.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it owner-only; a dataset folder should have the usual permissions
     try:
         yield tmp
     except BaseException:
