@@ -1,0 +1,168 @@
+"""SDCL losses (SPEC sections 5.2-5.3; ``code/pancreas/losses.py`` of ``pascalcpp/SDCL``, used by all three tasks).
+
+Inputs are the logits of one student on one BCP-mixed batch (N, K, *spatial) with K >= 2 softmax channels, the
+mixed per-voxel target t (N, *spatial) (PL on one region, GT on the other, see :mod:`nnssl.mixing`) and the
+per-voxel region weight map omega (0.5 on the pseudo-labelled region, 1.0 on the GT region).
+
+- :func:`mixed_region_loss` is BCP's ``mix_loss`` (the base loss of both stages);
+- :func:`discrepancy_mask` marks voxels where the two students' argmax differ (no grad);
+- :func:`discrepancy_mse_loss` (``mix_mse_loss``) pulls discrepant voxels towards their target;
+- :func:`discrepancy_uniform_ce_loss` (``mix_max_kl_loss``) maximises the entropy of discrepant voxels that the
+  student gets wrong.
+
+Per student (LA/ACDC weights; Pancreas uses 0.3 / 0.1):
+``L = mix(X_l) + mix(X_u) + 0.5 * (L_mse(X_l) + L_mse(X_u)) + 0.05 * (L_kl(X_l) + L_kl(X_u))``.
+All arithmetic is float32 with autocast disabled, so bf16/fp16 logits are safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["mixed_region_loss", "discrepancy_mask", "discrepancy_mse_loss", "discrepancy_uniform_ce_loss"]
+
+DICE_SMOOTH = 1e-5  # official DiceLoss smooth
+DENOM_EPS = 1e-16  # official eps in every "sum / (count + 1e-16)"
+
+
+@contextlib.contextmanager
+def _float32_region(device: torch.device) -> Iterator[None]:
+    with torch.autocast(device_type=device.type, enabled=False):
+        yield
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor) or logits.ndim < 3:
+        raise ValueError(f"logits: expected shape (N, K, *spatial), got {getattr(logits, 'shape', type(logits))}")
+    if logits.shape[1] < 2:
+        raise ValueError(f"logits: need K >= 2 softmax channels (use 2 channels for binary), got K={logits.shape[1]}")
+
+
+def _target_nsp(target: Tensor, logits: Tensor) -> Tensor:
+    n, sp = logits.shape[0], tuple(logits.shape[2:])
+    if target.ndim == len(sp) + 2 and target.shape[1] == 1:
+        target = target[:, 0]
+    if tuple(target.shape) != (n, *sp):
+        raise ValueError(f"target: expected shape (N, *spatial) = {(n, *sp)}, got {tuple(target.shape)}")
+    if target.is_floating_point():
+        target = target.round()
+    return target.long()
+
+
+def _voxel_map(x: Tensor, logits: Tensor, name: str) -> Tensor:
+    """Broadcast a (N, *spatial), (N, 1, *spatial) or (*spatial) map to float32 (N, *spatial)."""
+    n, sp = logits.shape[0], tuple(logits.shape[2:])
+    if x.ndim == len(sp) + 2 and x.shape[1] == 1:
+        x = x[:, 0]
+    if x.ndim == len(sp):
+        x = x.unsqueeze(0)
+    try:
+        return x.to(device=logits.device, dtype=torch.float32).expand(n, *sp)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: shape {tuple(x.shape)} does not broadcast to (N, *spatial) = {(n, *sp)}") from e
+
+
+def _regions(weight_map: Tensor, region_mask: Tensor | None, logits: Tensor) -> Sequence[Tensor]:
+    if region_mask is not None:
+        m = _voxel_map(region_mask, logits, "region_mask")
+        return [m, 1.0 - m]
+    return [(weight_map == v).float() for v in torch.unique(weight_map)]
+
+
+def mixed_region_loss(logits: Tensor, target: Tensor, weight_map: Tensor, region_mask: Tensor | None = None) -> Tensor:
+    """BCP ``mix_loss`` (SPEC 5.2): region-weighted masked Dice + masked CE, divided by 2.
+
+    For each region r (voxel set) with weight ``w_r``:
+    ``Dice_r = 1 - mean_{n,k} (2 sum_v m_r p_k t_k + 1e-5) / (sum_v m_r (p_k + t_k) + 1e-5)`` (softmax, one-hot t,
+    per sample, all K classes incl. background) and ``CE_r = sum_v m_r CE(v) / (sum_v m_r + 1e-16)``;
+    ``L = sum_r w_r (Dice_r + CE_r) / 2``.
+
+    Regions: with ``region_mask`` (the BCP mask M) they are ``M`` and ``1 - M``, exactly as the official code. With
+    ``region_mask=None`` they are the level sets of ``weight_map``, which is the same thing whenever the two region
+    weights differ (the default 0.5 / 1.0); with equal weights pass ``region_mask`` to keep the two per-region Dice
+    terms. ``w_r`` is the mean of ``weight_map`` over region r (constant there in BCP). An empty region adds 0.
+
+    Why not nnU-Net's ``MemoryEfficientSoftDiceLoss``: BCP's Dice is per region (masked), per sample, includes the
+    background and uses a different smoothing, so it would not reproduce the reference numbers.
+
+    Args:
+        logits: (N, K, *spatial).
+        target: (N, *spatial) or (N, 1, *spatial) integer labels in [0, K).
+        weight_map: omega, (N, *spatial) or (*spatial).
+        region_mask: optional (*spatial) or (N, *spatial) 0/1 mask M.
+    """
+    _check_logits(logits)
+    t = _target_nsp(target, logits)
+    n, k = logits.shape[:2]
+    with _float32_region(logits.device):
+        omega = _voxel_map(weight_map, logits, "weight_map")
+        z = logits.float()
+        p = torch.softmax(z, dim=1).reshape(n, k, -1)
+        onehot = F.one_hot(t.reshape(n, -1), k).permute(0, 2, 1).float()
+        ce = F.cross_entropy(z, t, reduction="none").reshape(n, -1)
+        total = z.new_zeros(())
+        for m in _regions(omega, region_mask, logits):
+            m = m.reshape(n, -1)
+            m_sum = m.sum()
+            w_r = (omega.reshape(n, -1) * m).sum() / m_sum.clamp_min(DENOM_EPS)
+            inter = (p * onehot * m.unsqueeze(1)).sum(-1)
+            union = ((p + onehot) * m.unsqueeze(1)).sum(-1)
+            dice_loss = 1.0 - ((2.0 * inter + DICE_SMOOTH) / (union + DICE_SMOOTH)).mean()
+            ce_loss = (ce * m).sum() / (m_sum + DENOM_EPS)
+            total = total + w_r * (dice_loss + ce_loss)
+        return total / 2.0
+
+
+@torch.no_grad()
+def discrepancy_mask(logits_1: Tensor, logits_2: Tensor) -> Tensor:
+    """``D(v) = 1[argmax_k z1(v) != argmax_k z2(v)]`` (SPEC 5.3; ``get_XOR_region``), bool (N, *spatial), no grad."""
+    _check_logits(logits_1)
+    if logits_1.shape != logits_2.shape:
+        raise ValueError(f"logits_2: shape {tuple(logits_2.shape)} != logits_1 shape {tuple(logits_1.shape)}")
+    # argmax of the logits equals argmax of the softmax; float32 so bf16 ties do not differ from the reference
+    return logits_1.detach().float().argmax(1) != logits_2.detach().float().argmax(1)
+
+
+def discrepancy_mse_loss(logits: Tensor, target: Tensor, weight_map: Tensor, disc_mask: Tensor) -> Tensor:
+    """SDCL ``L_mse`` (SPEC 5.3; ``mix_mse_loss``).
+
+    ``e(v) = omega(v) * (1/K) sum_k (p_k(v) - onehot(t(v))_k)^2`` and
+    ``L_mse = sum_v D(v) e(v) / (sum_v D(v) + 1e-16)`` (denominator unweighted by omega). Exactly 0 when D is empty.
+    """
+    _check_logits(logits)
+    t = _target_nsp(target, logits)
+    k = logits.shape[1]
+    with _float32_region(logits.device):
+        d = _voxel_map(disc_mask, logits, "disc_mask")
+        omega = _voxel_map(weight_map, logits, "weight_map")
+        p = torch.softmax(logits.float(), dim=1)
+        onehot = F.one_hot(t, k).movedim(-1, 1).float()
+        e = omega * (p - onehot).pow(2).mean(1)
+        return (d * e).sum() / (d.sum() + DENOM_EPS)
+
+
+def discrepancy_uniform_ce_loss(logits: Tensor, target: Tensor, weight_map: Tensor, disc_mask: Tensor) -> Tensor:
+    """SDCL ``L_kl`` (SPEC 5.3; ``mix_max_kl_loss``): entropy maximisation on discrepant, wrong voxels.
+
+    ``W(v) = 1[argmax_k p(v) != t(v)]`` (no grad), ``g(v) = omega(v) W(v) (-(1/K) sum_k log p_k(v))`` and
+    ``L_kl = sum_v D(v) g(v) / (sum_v D(v) W(v) + 1e-16)`` (denominator unweighted by omega).
+    ``-(1/K) sum_k log p_k`` is the cross-entropy of p against the uniform distribution u, ``= KL(u || p) + log K``
+    (official ``KLDivLoss(log p, ones)`` averaged over k), so it is ``>= log K`` with equality iff p is uniform and
+    has the same gradient as ``KL(u || p)``. Exactly 0 when D (or D*W) is empty.
+    """
+    _check_logits(logits)
+    t = _target_nsp(target, logits)
+    with _float32_region(logits.device):
+        d = _voxel_map(disc_mask, logits, "disc_mask")
+        omega = _voxel_map(weight_map, logits, "weight_map")
+        z = logits.float()
+        with torch.no_grad():
+            wrong = (z.argmax(1) != t).float()
+        ce_uniform = -torch.log_softmax(z, dim=1).mean(1)
+        g = omega * wrong * ce_uniform
+        return (d * g).sum() / ((d * wrong).sum() + DENOM_EPS)
