@@ -1,0 +1,163 @@
+"""NIH Pancreas-CT (TCIA, 80 of 82 cases, binary pancreas) as used by CoraNet/BCP/SDCL -> nnU-Net raw format.
+
+Raw layouts accepted (LAYOUTS.md section 7), files found by name anywhere under RAW_DIR:
+
+- images as DICOM series ``Pancreas-CT/PANCREAS_0001/<study>/<series>/*.dcm`` (NBIA download, read with
+  SimpleITK's GDCM series reader; one series per case), or as NIfTI ``data/PANCREAS_0001.nii.gz``;
+- labels ``label0001.nii.gz`` in ``TCIA_pancreas_labels-02-05-2017/``, ``Pancreas-CT-Label/`` or ``label/``.
+
+The labels were made on the DICOM grid but are often stored with other axis orientations (the pitfall nnU-Net's
+Task062 works around by reorienting both). Here a label whose voxel grid is the image's grid in another orientation
+is permuted/flipped onto the image grid exactly (no resampling); any other mismatch is an error naming both files.
+Case ids are ``pancreas_XXXX``; published ids ``0001.h5`` (BCP), ``data0001`` (SDCL) and ``PANCREAS_0001`` map to it.
+
+Random mode holds out 22.5 % as test set (18 of 80, as SDCL). ``--split paper``: ``sdcl`` (default) or ``bcp``,
+62 train cases of which the first 12 are labeled (``--labeled-count`` changes N), 18 test cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import SimpleITK as sitk
+
+from nnssl.split import SSLSplit
+
+from .common import (
+    Case,
+    Catalogue,
+    ConversionError,
+    ConversionOptions,
+    DatasetCommand,
+    DatasetFormat,
+    DatasetRules,
+    FileRef,
+    PaperSplit,
+    SitkFile,
+    SplitOptions,
+    check_output_dir,
+    convert_dataset,
+    first_n_labeled,
+    match_files,
+    pair_files,
+    read_published_list,
+    walk_raw_tree,
+)
+
+LABELS = {"background": 0, "pancreas": 1}
+FORMAT = DatasetFormat(
+    name="PancreasCT",
+    channel_names={"0": "CT"},
+    labels=LABELS,
+    description="NIH Pancreas-CT (TCIA), portal-venous CT with pancreas labels",
+    reference="https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU",
+)
+# paper -> (folder, labeled list, unlabeled list, test list)
+PAPERS = {
+    "sdcl": ("SDCL/pancreas", "train_lab.txt", "train_unlab.txt", "test.txt"),
+    "bcp": ("BCP/pancreas", "train_lab.txt", "train_unlab.txt", "test.txt"),
+}
+
+
+def normalize_id(list_id: str) -> str:
+    m = re.fullmatch(r"(?:data|label|PANCREAS_|pancreas_)?(\d{4})(?:\.h5|\.nii\.gz)?", list_id.strip())
+    return f"pancreas_{m.group(1)}" if m else list_id
+
+
+@dataclass(frozen=True)
+class DicomSeries:
+    """A DICOM series folder read as one 3D image (slices sorted by GDCM along the slice normal)."""
+
+    folder: Path
+
+    def __str__(self) -> str:
+        return str(self.folder)
+
+    def read(self) -> sitk.Image:
+        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(self.folder))
+        if len(series) != 1:
+            raise ConversionError(f"{self.folder}: expected one DICOM series, found {len(series)}")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(self.folder), series[0]))
+        try:
+            return reader.Execute()
+        except RuntimeError as e:
+            raise ConversionError(f"{self.folder}: unreadable DICOM series ({str(e).splitlines()[-1]})") from e
+
+
+def _paper_split(splits_dir: Path, options: SplitOptions) -> PaperSplit:
+    paper = options.paper or "sdcl"
+    folder, lab_file, unlab_file, test_file = PAPERS[paper]
+    published_labeled = read_published_list(splits_dir, f"{folder}/{lab_file}")
+    train = published_labeled + read_published_list(splits_dir, f"{folder}/{unlab_file}")
+    labeled, unlabeled, n_pool = first_n_labeled(train, options, len(published_labeled), f"--split paper ({paper})")
+    test = read_published_list(splits_dir, f"{folder}/{test_file}")
+    return PaperSplit(labeled=labeled, unlabeled=unlabeled, test=test, origin=f"paper:{folder}",
+                      labeled_fraction=len(labeled) / n_pool)
+
+
+RULES = DatasetRules(fmt=FORMAT, default_test_fraction=0.225, normalize_id=normalize_id, paper_split=_paper_split)
+
+
+def _dicom_cases(refs: list[FileRef]) -> dict[str, DicomSeries]:
+    series: dict[str, set[Path]] = {}
+    for r in refs:
+        if not r.name.lower().endswith(".dcm"):
+            continue
+        case = next((m.group(1) for f in reversed(r.folders) if (m := re.fullmatch(r"PANCREAS_(\d{4})", f, re.I))),
+                    None)
+        if case is None:
+            continue
+        if r.member is not None:
+            raise ConversionError(f"{r.path}: DICOM inside zip archives is not supported; extract it first")
+        series.setdefault(case, set()).add(r.path.parent)
+    for case, folders in series.items():
+        if len(folders) > 1:
+            raise ConversionError(f"PANCREAS_{case}: DICOM files in several folders {sorted(map(str, folders))}; "
+                                  "keep one series per case")
+    return {case: DicomSeries(next(iter(folders))) for case, folders in series.items()}
+
+
+def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
+    refs = walk_raw_tree(raw_dir)
+    nifti = match_files(refs, r"PANCREAS_(\d{4})\.nii(?:\.gz)?")
+    dicom = _dicom_cases(refs)
+    both = sorted(set(nifti) & set(dicom))
+    if both:
+        raise ConversionError(f"PANCREAS_{both[0]}: found as NIfTI ({nifti[both[0]]}) and as DICOM "
+                              f"({dicom[both[0]]}); keep one")
+    images: dict[str, object] = {**{k: SitkFile(v) for k, v in nifti.items()}, **dicom}
+    labels = match_files(refs, r"label(\d{4})\.nii(?:\.gz)?")
+    if not images and not labels:
+        raise ConversionError(f"{raw_dir}: no NIH Pancreas-CT cases found (expected "
+                              "Pancreas-CT/PANCREAS_XXXX/.../*.dcm or PANCREAS_XXXX.nii.gz, and "
+                              "TCIA_pancreas_labels-02-05-2017/labelXXXX.nii.gz)")
+    pair_files({k: FileRef(Path(str(v))) for k, v in images.items()}, labels, "NIH Pancreas-CT cases")
+    return Catalogue(labeled={f"pancreas_{k}": Case(f"pancreas_{k}", (images[k],), SitkFile(labels[k]))
+                              for k in sorted(images)})
+
+
+def convert_pancreas(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
+                     options: ConversionOptions | None = None) -> SSLSplit:
+    """Convert an NIH Pancreas-CT download (DICOM or NIfTI images + TCIA NIfTI labels) into ``output_dir``."""
+    options = options or ConversionOptions()
+    check_output_dir(output_dir, options.overwrite)
+    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options)
+
+
+def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
+    return convert_pancreas(args.raw_dir, output_dir, options)
+
+
+COMMAND = DatasetCommand(
+    name="pancreas",
+    default_dataset_name="PancreasCT",
+    summary="NIH Pancreas-CT (TCIA DICOM or NIfTI + TCIA labels) as used by CoraNet/BCP/SDCL",
+    description=__doc__,
+    convert=_convert_from_args,
+    papers=tuple(PAPERS),
+)
