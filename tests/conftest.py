@@ -1,0 +1,47 @@
+"""Session-wide synthetic datasets, planned and preprocessed once through the real CLIs, shared by the
+end-to-end tests of every trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from e2e_utils import nnunet_env, run_cli
+
+
+@dataclass
+class PlannedDataset:
+    dataset_id: int
+    name: str
+    env: dict[str, str]
+    raw: Path
+    preprocessed: Path
+
+
+def _plan(root: Path, dataset_id: int, kind: str, configurations: list[str], n_labeled: int, n_unlabeled: int,
+          n_test: int) -> PlannedDataset:
+    from nnssl.plans_tools import shrink_network
+    from nnssl.synthetic import make_synthetic_dataset
+
+    env = nnunet_env(root)
+    raw = make_synthetic_dataset(root / "raw", dataset_id, kind, n_labeled=n_labeled, n_unlabeled=n_unlabeled,
+                                 n_test=n_test, seed=dataset_id)
+    # nnU-Net's planner calls torch.set_num_threads(nnUNet_n_proc_DA), which must be positive there
+    run_cli(["nnssl_plan_and_preprocess", "-d", str(dataset_id), "-c", *configurations, "-np", "2"],
+            {**env, "nnUNet_n_proc_DA": "2"})
+    preprocessed = root / "preprocessed" / raw.name
+    shrink_network(preprocessed / "nnUNetPlans.json", base_features=8, max_features=64)
+    return PlannedDataset(dataset_id, raw.name, env, raw, preprocessed)
+
+
+@pytest.fixture(scope="session")
+def synthetic3d(tmp_path_factory) -> PlannedDataset:
+    """3D multi-organ CT look-alike: 5 labeled, 6 unlabeled, 2 test cases; 3d_fullres and 2d planned."""
+    return _plan(tmp_path_factory.mktemp("nnunet3d"), 501, "3d", ["3d_fullres", "2d"], 5, 6, 2)
+
+
+@pytest.fixture(scope="session")
+def synthetic2d(tmp_path_factory) -> PlannedDataset:
+    """2D ultrasound look-alike (PNG): 6 labeled, 8 unlabeled, 3 test cases; 2d planned."""
+    return _plan(tmp_path_factory.mktemp("nnunet2d"), 502, "2d", ["2d"], 6, 8, 3)
