@@ -18,6 +18,7 @@ mixed precision, torch.compile and DDP as they are, and adds:
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -67,7 +68,21 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module
 
 
-class ScheduleFromEnvironment:
+class IterationTimer:
+    """Mixin: logs the wall time per training iteration of every epoch (``train seconds/iteration: X``), which
+    the benchmark reads. ``train_step`` returns a CPU copy of the loss, so CUDA work is finished when timed."""
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._train_epoch_started = time.perf_counter()
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        elapsed = time.perf_counter() - self._train_epoch_started
+        self.print_to_log_file(f"train seconds/iteration: {elapsed / max(1, len(train_outputs)):.4f}")
+        super().on_train_epoch_end(train_outputs)
+
+
+class ScheduleFromEnvironment(IterationTimer):
     """Mixin: ``NNSSL_NUM_EPOCHS``, ``NNSSL_ITERATIONS_PER_EPOCH``, ``NNSSL_VAL_ITERATIONS_PER_EPOCH`` and
     ``NNSSL_SAVE_EVERY`` override the schedule at ``initialize()`` (after every subclass ``__init__`` has set
     its own defaults and before the lr scheduler is built from ``num_epochs``)."""
