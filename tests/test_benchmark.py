@@ -1,0 +1,61 @@
+"""nnssl_benchmark: table maths on hand-made results, and a --smoke run through the real CLIs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from e2e_utils import run_cli
+
+from nnssl.benchmark.cli import BASELINE, RunResult, markdown_table, seconds_per_iteration, summarize
+
+
+def _result(trainer, seed, liver, kidney, sec, mem):
+    return RunResult(trainer, "Dataset1_X", seed, dice={"liver": liver, "kidney": kidney},
+                     nsd={"liver": liver, "kidney": kidney}, seconds_per_iteration=sec, max_rss_mb=mem)
+
+
+def test_summary_gain_spread_and_relative_cost():
+    results = [_result(BASELINE, 0, 0.8, 0.4, 1.0, 1000), _result(BASELINE, 1, 0.6, 0.4, 1.0, 1000),
+               _result("nnUNetTrainerMeanTeacher", 0, 0.9, 0.5, 1.5, 1200),
+               _result("nnUNetTrainerMeanTeacher", 1, 0.8, 0.4, 2.5, 1400)]
+    rows = {r["trainer"]: r for r in summarize(results)}
+    base, mt = rows[BASELINE], rows["nnUNetTrainerMeanTeacher"]
+    assert base["dice_mean"] == pytest.approx(0.55) and base["gain_vs_supervised"] == pytest.approx(0)
+    assert mt["dice_mean"] == pytest.approx(0.65) and mt["gain_vs_supervised"] == pytest.approx(0.10)
+    assert mt["dice_seed_spread"] == pytest.approx(0.10)  # seed means 0.70 and 0.60
+    assert mt["time_rel"] == pytest.approx(2.0) and mt["memory_rel"] == pytest.approx(1.3)
+    table = markdown_table(list(rows.values()))
+    assert "| nnUNetTrainerMeanTeacher | 0.850 | 0.450 | 0.650 |" in table and "+0.100" in table
+
+
+def test_failed_run_keeps_a_row():
+    failed = RunResult("nnUNetTrainerCPS", "Dataset1_X", 0, error="boom")
+    rows = summarize([_result(BASELINE, 0, 0.8, 0.4, 1.0, 1000), failed])
+    assert rows[1]["failed"] == 1 and "dice_mean" not in rows[1]
+    assert "| nnUNetTrainerCPS | failed |" in markdown_table(rows)
+
+
+def test_seconds_per_iteration_drops_warmup_epoch():
+    log = "x train seconds/iteration: 9.0\ny train seconds/iteration: 1.0\nz train seconds/iteration: 3.0\n"
+    assert seconds_per_iteration(log) == pytest.approx(2.0)
+    assert seconds_per_iteration("train seconds/iteration: 4.5") == pytest.approx(4.5)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
+    ds = synthetic3d
+    out = tmp_path / "bench"
+    proc = run_cli(["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "3d_fullres", "-f", "0", "--smoke",
+                    "-device", "cpu", "-o", str(out)], {**ds.env, "nnUNet_results": str(tmp_path / "results")})
+    data = json.loads((out / "benchmark.json").read_text())
+    assert [r["trainer"] for r in data["rows"]] == [BASELINE, "nnUNetTrainerMeanTeacher"]
+    for run in data["runs"]:
+        assert run["error"] is None
+        assert set(run["dice"]) == {"liver", "spleen", "kidney", "adrenal"}
+        assert run["seconds_per_iteration"] > 0 and run["max_rss_mb"] > 100
+    with open(out / "benchmark.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert (out / "benchmark.png").stat().st_size > 0
+    assert "Dice mean" in (out / "benchmark.md").read_text() and "nnUNetTrainerMeanTeacher" in proc.stdout
