@@ -139,13 +139,13 @@ def _make_case_3d(rng: np.random.Generator, imbalanced: bool) -> tuple[np.ndarra
 
     # Contrast phase shared by all organs of a case (0 = native, 1 = portal venous), so organ intensities
     # overlap across cases while staying ordered within one.
-    contrast = rng.uniform(0.2, 1.0)
-    soft_tissue_hu = rng.uniform(30.0, 50.0)
+    contrast = rng.uniform(0.5, 1.0)
+    soft_tissue_hu = rng.uniform(10.0, 30.0)
     image = np.full(SHAPE_3D, -1000.0)
     image[body] = rng.uniform(-110.0, -90.0)
     image[inner] = soft_tissue_hu
     # Mesenteric / retroperitoneal fat between organs, which is what outlines kidneys and spleen on real CT.
-    visceral_fat = inner & (label == 0) & (_smooth_field(rng, SHAPE_3D, (5, 7, 7)) > rng.uniform(0.3, 0.9))
+    visceral_fat = inner & (label == 0) & (_smooth_field(rng, SHAPE_3D, (5, 7, 7)) > rng.uniform(-0.2, 0.4))
     image[visceral_fat] = rng.uniform(-110.0, -70.0)
     # Bowel loops: soft-tissue blobs in organ-like HU that are not labeled, so intensity alone is not enough.
     for _ in range(int(rng.integers(1, 4))):
@@ -162,7 +162,7 @@ def _make_case_3d(rng: np.random.Generator, imbalanced: bool) -> tuple[np.ndarra
     bias = rng.uniform(8.0, 20.0) * _smooth_field(rng, SHAPE_3D, (3, 3, 3))
     image = np.where(body, image + bias, image)
     image = ndimage.gaussian_filter(image, sigma=(0.4, 0.7, 0.7))  # partial-volume blur
-    image += rng.normal(0.0, rng.uniform(15.0, 25.0), size=SHAPE_3D)
+    image += rng.normal(0.0, rng.uniform(10.0, 18.0), size=SHAPE_3D)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
     return image, label, spacing
 

@@ -36,7 +36,7 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnssl.preprocessing.unlabeled import completed_cases, unlabeled_folder
+from nnssl.preprocessing.unlabeled import completed_cases, unlabeled_folder, withheld_labels_folder
 
 ENV_NUM_EPOCHS = "NNSSL_NUM_EPOCHS"
 ENV_ITERATIONS = "NNSSL_ITERATIONS_PER_EPOCH"
@@ -145,6 +145,8 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
     # fraction of the whole schedule.
     rampup_iterations: int = 30000
     max_rampup_fraction: float = 0.4
+    # unlabeled cases whose withheld labels (labelsUnlabeled) score the pseudo-labels each epoch (diagnostic)
+    diagnostic_cases: int = 4
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -326,14 +328,64 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
                 dist.all_gather_object(gathered, value)
                 value = float(np.nanmean(gathered))
             values[key] = value
+        self._log_ssl(values)
+
+    def _log_ssl(self, values: dict[str, float]) -> None:
         for key, value in values.items():
             series = self.ssl_log.setdefault(key, [])
             series.extend([float("nan")] * (self.current_epoch - len(series)))
-            series.append(value)
+            series[self.current_epoch:] = [value]
         if values:
             self.print_to_log_file("ssl: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
+    def pseudo_label_network(self) -> nn.Module:
+        """The network whose argmax is the method's pseudo-label (for diagnostics); default the inference one."""
+        return self.network
+
+    @torch.no_grad()
+    def pseudo_label_quality(self) -> dict[str, float]:
+        """Dice of the pseudo-labels against the withheld labels of a few unlabeled cases (central patch each).
+
+        Only when the dataset has ``labelsUnlabeled`` (a simulated labeled fraction); the labels are read here,
+        after the epoch's training, and nowhere else.
+        """
+        base, ident = self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier
+        folder = withheld_labels_folder(base, ident)
+        if self.label_manager.has_regions or not folder.is_dir():
+            return {}
+        import blosc2
+        from acvl_utils.cropping_and_padding.bounding_boxes import crop_and_pad_nd
+
+        cases = sorted(p.stem for p in folder.glob("*.npy"))[: self.diagnostic_cases]
+        net = unwrap(self.pseudo_label_network())
+        was_training = net.training
+        net.eval()
+        patch = list(self.configuration_manager.patch_size)
+        labels = self.label_manager.foreground_labels
+        counts = np.zeros((len(labels), 3))  # tp, fp, fn
+        for case in cases:
+            data = blosc2.open(str(unlabeled_folder(base, ident) / f"{case}.b2nd"), mode="r")[:]
+            label = np.load(folder / f"{case}.npy")
+            if len(patch) == 2:  # 2d configuration: the central slice
+                data, label = data[:, data.shape[1] // 2], label[:, label.shape[1] // 2]
+            bbox = [[(s - p) // 2, (s - p) // 2 + p] for s, p in zip(data.shape[1:], patch)]
+            x = torch.from_numpy(np.ascontiguousarray(crop_and_pad_nd(data, bbox, 0))).float()[None]
+            y = torch.from_numpy(np.ascontiguousarray(crop_and_pad_nd(label, bbox, -1)))[0].to(self.device)
+            with self.autocast():
+                out = net(x.to(self.device))
+            pred = (out[0] if isinstance(out, (list, tuple)) else out)[0].argmax(0)
+            valid = y >= 0
+            for i, c in enumerate(labels):
+                p, t = (pred == c) & valid, (y == c) & valid
+                counts[i] += [(p & t).sum().item(), (p & ~t).sum().item(), (~p & t).sum().item()]
+        net.train(was_training)
+        denom = 2 * counts[:, 0] + counts[:, 1] + counts[:, 2]
+        dice = np.where(denom > 0, 2 * counts[:, 0] / np.maximum(denom, 1), np.nan)
+        return {"pseudo_label_dice": float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")}
+
     def on_epoch_end(self):
+        if self.local_rank == 0:
+            self._log_ssl(self.pseudo_label_quality())
         if self.local_rank == 0 and self.ssl_log:
             from nnssl.diagnostics import plot_ssl_progress, save_ssl_progress
 

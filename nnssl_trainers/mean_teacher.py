@@ -41,6 +41,9 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
     def teacher(self) -> torch.nn.Module:
         return self.extra_networks["teacher"]
 
+    def pseudo_label_network(self) -> torch.nn.Module:
+        return self.teacher
+
     def current_consistency_weight(self) -> float:
         return self.consistency_weight * sigmoid_rampup(self.global_iteration, self.rampup_length())
 

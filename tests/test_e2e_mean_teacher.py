@@ -37,7 +37,7 @@ def test_mean_teacher_3d_interrupt_resume_predict_evaluate(synthetic3d, tmp_path
     ds = synthetic3d
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, "3d_fullres", TRAINER)
     assert_finite_progress(fold, ["loss_consistency", "loss_supervised", "consistency_weight",
-                                  "teacher_confidence"])
+                                  "teacher_confidence", "pseudo_label_dice"])
     assert (fold / "ssl_progress.png").is_file() and (fold / "progress.png").is_file()
 
     trainer, ckpt = restore_trainer(ds.env, fold)
@@ -111,6 +111,8 @@ def test_unlabeled_cases_never_carry_labels(synthetic3d):
     for seg_file in folder.glob("*_seg.b2nd"):
         values = set(np.unique(blosc2.open(str(seg_file), mode="r")[:]).tolist())
         assert values <= {-1, 0}, f"{seg_file}: {values}"
+    withheld = synthetic3d.preprocessed / "nnUNetPlans_3d_fullres_unlabeled_withheld_labels"
+    assert sorted(p.stem for p in withheld.glob("*.npy")) == sorted(p.stem for p in folder.glob("*.pkl"))
     labeled = {p.name[:-len(".b2nd")] for p in (synthetic3d.preprocessed / "nnUNetPlans_3d_fullres").glob("*.b2nd")
                if not p.name.endswith("_seg.b2nd")}
     split = json.loads((synthetic3d.raw / "ssl_split.json").read_text())

@@ -9,6 +9,10 @@ No label is read. The ``_seg.b2nd`` file of an unlabeled case holds only what nn
 without a label (its nonzero mask: -1 outside the body crop, 0 elsewhere), so nnU-Net's dataset class and
 data loader read unlabeled cases unchanged and the augmentation pipeline sees the same inputs as for test cases.
 
+When the dataset has ``labelsUnlabeled`` (labels withheld to simulate a labeled fraction), each such label is
+preprocessed too, in a separate pass, into ``<data_identifier>_unlabeled_withheld_labels/CASE.npy``: the trainers'
+pseudo-label quality diagnostic reads it at the end of each epoch; no training code path does.
+
 Resumable and safe to kill: a case is written into ``.partial/`` and moved into place with ``os.replace``,
 its ``.pkl`` last; a case counts as done only when its ``.pkl`` exists and its arrays open with the shape the
 ``.pkl`` records. Memory is bounded by ``num_processes`` cases at a time.
@@ -29,12 +33,18 @@ import numpy as np
 from tqdm import tqdm
 
 UNLABELED_SUFFIX = "_unlabeled"
+WITHHELD_SUFFIX = "_unlabeled_withheld_labels"
 SHAPE_KEY = "nnssl_preprocessed_shape"
 
 
 def unlabeled_folder(preprocessed_dataset_dir: str | os.PathLike, data_identifier: str) -> Path:
     """Where the unlabeled cases of one configuration live (found by the configuration's data identifier)."""
     return Path(preprocessed_dataset_dir) / f"{data_identifier}{UNLABELED_SUFFIX}"
+
+
+def withheld_labels_folder(preprocessed_dataset_dir: str | os.PathLike, data_identifier: str) -> Path:
+    """Preprocessed ``labelsUnlabeled`` (diagnostics only: the pseudo-label Dice). Training never reads it."""
+    return Path(preprocessed_dataset_dir) / f"{data_identifier}{WITHHELD_SUFFIX}"
 
 
 def is_case_done(folder: Path, case: str) -> bool:
@@ -61,7 +71,7 @@ def completed_cases(folder: str | os.PathLike) -> list[str]:
 
 
 def _preprocess_one(args: tuple) -> str:
-    case, image_files, out_folder, plans, configuration, dataset_json = args
+    case, image_files, withheld_label, out_folder, plans, configuration, dataset_json = args
     # imported here so that spawned workers pay nnU-Net's import cost once and the module stays light
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -78,6 +88,15 @@ def _preprocess_one(args: tuple) -> str:
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
 
     out_folder = Path(out_folder)
+    if withheld_label is not None:
+        # a separate pass with the label, so the unlabeled files above are exactly what a case without any label
+        # gives; only the label map is kept, in its own folder, for the pseudo-label quality diagnostic
+        _, label, _ = preprocessor.run_case(image_files, withheld_label, plans_manager, cm, dataset_json)
+        withheld = out_folder.parent / (out_folder.name[:-len(UNLABELED_SUFFIX)] + WITHHELD_SUFFIX)
+        withheld.mkdir(exist_ok=True)
+        tmp = withheld / f".{case}.npy"
+        np.save(tmp, label.astype(np.int16, copy=False))
+        os.replace(tmp, withheld / f"{case}.npy")
     partial = out_folder / ".partial"
     partial.mkdir(exist_ok=True)
     tmp_trunc = str(partial / case)
@@ -149,7 +168,14 @@ def preprocess_unlabeled(
         if stale:
             raise RuntimeError(f"{out} holds cases that ssl_split.json no longer lists as unlabeled: {stale[:10]}. "
                                f"Delete that folder and run again.")
-        jobs = [(c, files[c], str(out), plans, configuration, dataset_json) for c in todo]
+        labels_dir = raw_dir / "labelsUnlabeled"
+        ending = dataset_json["file_ending"]
+
+        def withheld(case: str) -> str | None:
+            f = labels_dir / f"{case}{ending}"
+            return str(f) if f.is_file() else None
+
+        jobs = [(c, files[c], withheld(c), str(out), plans, configuration, dataset_json) for c in todo]
         desc = f"Unlabeled {configuration} ({len(cases) - len(todo)}/{len(cases)} already done)"
         with tqdm(total=len(jobs), desc=desc, disable=not show_progress_bar) as bar:
             if num_processes <= 1:
