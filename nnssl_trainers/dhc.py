@@ -1,0 +1,266 @@
+import numpy as np
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+from nnssl.class_weight_diagnostics import plot_class_weights, record_epoch, save_class_weights
+from nnssl.debiasing import DifficultyAwareWeighting, DistributionAwareWeighting, class_histogram
+from nnssl.losses.cps import cross_pseudo_supervision_loss, hard_pseudo_label
+from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
+from nnssl.ramps import sigmoid_rampup
+from nnssl_trainers.base import nnUNetTrainerSSLBase
+
+DIFFDW_LOG = "diffdw_network_a"
+DISTDW_LOG = "distdw_network_b"
+
+
+class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
+    """DHC, dual-debiased heterogeneous co-training (Wang & Li, MICCAI 2023; ``xmed-lab/DHC train_dhc.py``;
+    SPEC section 4).
+
+    Two networks of the plans' architecture, both with nnU-Net's kaiming (He) initialisation from different
+    random draws, as ``train_dhc.py`` initialises both V-Nets with kaiming-normal: A = ``self.network``, weighted by
+    DiffDW; B = extra trainable network ``"network_b"`` (own optimizer and lr schedule), weighted by DistDW.
+    Per iteration, on the batch ``x = [x_l; x_u]`` (SPEC 4.3)::
+
+        w_A = DiffDW(argmax z_l^A, y)          difficulty: learn/unlearn EMAs of the per-class hard Dice,
+                                               beta = 49/50 (accumulate 50), exponent 1/5, max weight K
+        w_B = 0.99 w_B + 0.01 DistDW(hist(argmax z_u^B)),  DistDW(n)_k = K log(n_max/n_k) / max_k' log(n_max/n_k')
+        L_sup = DCCE_{w_A}(z_l^A, y) + DCCE_{w_B}(z_l^B, y)     weighted CE (all classes) + weighted Dice (fg)
+        L_cps = CE_{w_A}(z^A, argmax z^B) + CE_{w_B}(z^B, argmax z^A)      whole batch, each net its OWN weights
+        L = L_sup + lambda(e) L_cps,   lambda(e) = 0.1 * sigmoid_rampup(max(e - 1, 0), num_epochs)
+
+    DistDW starts from the voxel histogram of the ground truth of the fold's **labeled training cases** (nnU-Net's
+    preprocessed segmentations of ``do_split()``'s training keys, full volumes; voxels outside nnU-Net's nonzero
+    mask (-1) count as background). Unlabeled cases never contribute labels. The SPEC 4.5 NaN guards live in the
+    core functions: uniform counts give ``K * ones`` (no 0/0), and a weighted CE whose pseudo-labels all carry
+    weight 0 (all-background batch with DistDW's background weight 0) returns 0 with zero gradients.
+
+    Consistency ramp as DHC: per **epoch**, length = ``num_epochs`` (``cps_rampup_epochs`` overrides), weight
+    0.1. DHC computes ``cps_w = w * r(0)`` before training and recomputes it at the end of each epoch ``e`` as
+    ``w * r(e)``, so epoch ``e`` trains with ``w * r(max(e - 1, 0))``; here it is that function of
+    ``current_epoch`` (nothing to checkpoint, exact after ``--c``). With nnU-Net's 1000 epochs the ramp is
+    1000 epochs long, as DHC's ramps over all its epochs.
+
+    Supervision with deep supervision: :class:`ClassWeightedDCandCELoss` wrapped in nnU-Net's
+    ``DeepSupervisionWrapper`` with the same scale factors as ``self.loss`` (nnU-Net's 1/2^i, lowest scale 0,
+    normalised to sum 1); the same class weights at every scale. With all weights 1 it equals nnU-Net's own
+    DC+CE (``self.loss``) up to 1e-8 in the Dice denominator. Dice smoothing is nnU-Net's 1e-5 and ``batch_dice``
+    the plans' (DHC: smooth 1, batch Dice). The class weights (DiffDW from A's labeled prediction, DistDW from B's
+    unlabeled argmax) and the CPS term use the full-resolution output only. nnU-Net's validation loss stays the
+    unweighted ``self.loss`` of network A.
+
+    Inference (``nnUNetv2_predict -tr nnUNetTrainerDHC``) uses **network A** (``network_weights``): nnU-Net
+    predicts with one network, while DHC evaluates the average of A's and B's logits. B is in the checkpoint
+    under ``nnssl_state['extra_networks']['network_b']``.
+
+    Logged: ``loss_sup_a``, ``loss_sup_b``, ``loss_cps``, ``cps_weight``, ``agreement`` (fraction of voxels where
+    argmax A == argmax B, whole batch) in ``ssl_progress``; the epoch mean of each class weight of A (DiffDW) and B
+    (DistDW) in the log, ``dhc_class_weights.json`` and ``dhc_class_weights.png``. DiffDW state (last_dice,
+    learn, unlearn, dice_weight, weights), DistDW weights, the initial labeled class counts and the class-weight
+    log are saved under ``nnssl_state['dhc']`` and restored by ``--c``.
+
+    Deviations forced by nnU-Net: the plans' U-Net instead of V-Net (no dropout), nnU-Net's SGD (lr 1e-2,
+    momentum 0.99) and poly lr per epoch (DHC: lr 3e-2, momentum 0.9, also per-epoch poly), patch size,
+    augmentation and batch (nnU-Net's batch size labeled + as many unlabeled; DHC 2 + 2), 250 iterations per
+    epoch, deep supervision for the supervised loss, nnU-Net's checkpoint selection (no early stopping on an
+    eval split). Under DDP every rank keeps its own DiffDW/DistDW statistics from its own sub-batch (DHC is
+    single-GPU); rank 0's are checkpointed. Region-based training and ignore labels are not supported (the
+    weights are per class).
+    """
+
+    cps_weight: float = 0.1
+    cps_rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
+    distdw_momentum: float = 0.99
+    diffdw_accumulate_iters: int = 50
+    diffdw_exponent: float = 1 / 5
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
+            raise ValueError(f"{type(self).__name__} needs plain label maps: DiffDW/DistDW weight classes, so "
+                             "region-based training and an ignore label are not supported by this trainer")
+        self.num_classes = self.label_manager.num_segmentation_heads
+        self.difficulty_weighting = DifficultyAwareWeighting(self.num_classes, self.diffdw_accumulate_iters,
+                                                             self.diffdw_exponent)
+        self._distribution_weighting: DistributionAwareWeighting | None = None
+        self.labeled_class_counts: torch.Tensor | None = None
+        self.class_weight_log: dict[str, list[list[float]]] = {}
+        self._epoch_weight_sums: dict[str, torch.Tensor] = {}
+        self._epoch_weight_steps = 0
+        self.weighted_supervised_loss = None  # -> initialize
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self):
+        if self.was_initialized:
+            return
+        super().initialize()
+        weighted = ClassWeightedDCandCELoss(batch_dice=self.configuration_manager.batch_dice)
+        if isinstance(self.loss, DeepSupervisionWrapper):
+            weighted = DeepSupervisionWrapper(weighted, self.loss.weight_factors)
+        self.weighted_supervised_loss = weighted
+
+    def build_extra_networks(self) -> None:
+        # different random draw of the same (kaiming) initialisation: DHC trains two kaiming-initialised V-Nets
+        self.register_extra_network("network_b", self.new_network(), trainable=True)
+
+    @property
+    def network_b(self) -> torch.nn.Module:
+        return self.extra_networks["network_b"]
+
+    def class_names(self) -> list[str]:
+        names = {int(v): k for k, v in self.label_manager.label_dict.items() if isinstance(v, int)}
+        return [names.get(k, str(k)) for k in range(self.num_classes)]
+
+    def labeled_training_class_histogram(self) -> torch.Tensor:
+        """Voxel count of every class over the full preprocessed segmentations of this fold's labeled training
+        cases (``do_split()``'s training keys; never validation or unlabeled cases). -1 counts as background."""
+        train_keys, _ = self.do_split()
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
+        counts = torch.zeros(self.num_classes, dtype=torch.int64)
+        for key in train_keys:
+            _, seg, _, _ = dataset.load_case(key)
+            # one slab at a time: a full CT label map as int64 would take several GB
+            for index in range(seg.shape[1]):
+                slab = torch.from_numpy(np.asarray(seg[0, index]).astype(np.int64)).clamp_min_(0)
+                try:
+                    counts += class_histogram(slab, self.num_classes)
+                except ValueError as error:
+                    raise ValueError(f"{type(self).__name__}: labeled case {key!r} in "
+                                     f"{self.preprocessed_dataset_folder}: {error}") from None
+        return counts
+
+    @property
+    def distribution_weighting(self) -> DistributionAwareWeighting:
+        """DistDW state, initialised from the labeled training histogram on first use (or restored by ``--c``)."""
+        if self._distribution_weighting is None:
+            counts = self.labeled_training_class_histogram()
+            if int(counts.sum()) == 0:
+                raise RuntimeError(f"{type(self).__name__}: the labeled training cases of fold {self.fold} in "
+                                   f"{self.preprocessed_dataset_folder} contain no voxels")
+            self.labeled_class_counts = counts
+            self._distribution_weighting = DistributionAwareWeighting(counts, self.distdw_momentum)
+            self.print_to_log_file(f"DHC DistDW init from labeled training voxels {counts.tolist()}: weights "
+                                   f"{_rounded(self._distribution_weighting.weights)}")
+        return self._distribution_weighting
+
+    def on_train_start(self):
+        super().on_train_start()
+        _ = self.distribution_weighting  # read the labeled histogram now rather than inside the first step
+
+    # ------------------------------------------------------------------ DHC step
+    def current_cps_weight(self) -> float:
+        """``0.1 * sigmoid_rampup(max(epoch - 1, 0), L)``: DHC's per-epoch value, recomputed after each epoch."""
+        length = self.num_epochs if self.cps_rampup_epochs is None else self.cps_rampup_epochs
+        return self.cps_weight * sigmoid_rampup(max(self.current_epoch - 1, 0), length)
+
+    def update_class_weights(self, logits_a_labeled: torch.Tensor, target: torch.Tensor,
+                             logits_b_unlabeled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DiffDW step from A's labeled logits and one DistDW step from B's unlabeled argmax (SPEC 4.3 steps
+        1-2); returns ``(w_A, w_B)``, each ``(K,)`` on the logits' device."""
+        weights_a = self.difficulty_weighting.update(logits_a_labeled.detach(), target)
+        weights_b = self.distribution_weighting.update(hard_pseudo_label(logits_b_unlabeled))
+        return weights_a.to(logits_a_labeled.device), weights_b.to(logits_a_labeled.device)
+
+    def supervised_loss(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor | list[torch.Tensor],
+                        class_weights: torch.Tensor) -> torch.Tensor:
+        """Class-weighted DC+CE, over every deep-supervision scale when enabled (outputs/targets as lists)."""
+        if isinstance(self.weighted_supervised_loss, DeepSupervisionWrapper):
+            return self.weighted_supervised_loss(outputs, target, [class_weights] * len(outputs))
+        return self.weighted_supervised_loss(outputs, target, class_weights)
+
+    def train_step(self, batch: dict) -> dict:
+        data, target, unlabeled = self.to_device(batch)
+        n_l = data.shape[0]
+        self.zero_grad()
+        weight = self.current_cps_weight()
+        with self.autocast():
+            inputs = torch.cat((data, unlabeled))
+            outputs_a = _as_list(self.network(inputs))
+            outputs_b = _as_list(self.network_b(inputs))
+            full_a, full_b = outputs_a[0], outputs_b[0]
+            target_full = target[0] if isinstance(target, list) else target
+            weights_a, weights_b = self.update_class_weights(full_a[:n_l], target_full, full_b[n_l:])
+            if self.enable_deep_supervision:
+                sup_a = self.supervised_loss([o[:n_l] for o in outputs_a], target, weights_a)
+                sup_b = self.supervised_loss([o[:n_l] for o in outputs_b], target, weights_b)
+            else:
+                sup_a = self.supervised_loss(full_a[:n_l], target, weights_a)
+                sup_b = self.supervised_loss(full_b[:n_l], target, weights_b)
+            cps = cross_pseudo_supervision_loss(full_a, full_b, weights_a, weights_b)
+            loss = sup_a + sup_b + weight * cps
+        self.backward_and_step(loss)
+        self.global_iteration += 1
+        self._accumulate_epoch_weights(weights_a, weights_b)
+        with torch.no_grad():
+            agreement = (hard_pseudo_label(full_a) == hard_pseudo_label(full_b)).float().mean()
+            # one device->host copy for every logged scalar
+            values = torch.stack([loss.detach().float(), sup_a.detach().float(), sup_b.detach().float(),
+                                  cps.detach().float(), agreement]).cpu().numpy()
+        return {"loss": values[0], "loss_sup_a": float(values[1]), "loss_sup_b": float(values[2]),
+                "loss_cps": float(values[3]), "cps_weight": weight, "agreement": float(values[4])}
+
+    # ------------------------------------------------------------------ class-weight log
+    def _accumulate_epoch_weights(self, weights_a: torch.Tensor, weights_b: torch.Tensor) -> None:
+        for name, weights in ((DIFFDW_LOG, weights_a), (DISTDW_LOG, weights_b)):
+            total = self._epoch_weight_sums.get(name)
+            self._epoch_weight_sums[name] = weights.detach().float() if total is None else total + weights.detach()
+        self._epoch_weight_steps += 1
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._epoch_weight_sums = {}
+        self._epoch_weight_steps = 0
+
+    def on_train_epoch_end(self, train_outputs: list[dict]):
+        super().on_train_epoch_end(train_outputs)
+        if self._epoch_weight_steps == 0:
+            return
+        for name, total in self._epoch_weight_sums.items():
+            mean = (total / self._epoch_weight_steps).cpu().tolist()
+            record_epoch(self.class_weight_log, name, self.current_epoch, mean)
+            self.print_to_log_file(f"dhc {name} (epoch mean): {_rounded(mean)}")
+
+    def on_epoch_end(self):
+        if self.local_rank == 0 and self.class_weight_log:
+            save_class_weights(self.class_weight_log, self.class_names(),
+                               join(self.output_folder, "dhc_class_weights.json"))
+            plot_class_weights(self.class_weight_log, self.class_names(),
+                               join(self.output_folder, "dhc_class_weights.png"))
+        super().on_epoch_end()
+
+    # ------------------------------------------------------------------ checkpoints
+    def ssl_state_dict(self) -> dict:
+        state = super().ssl_state_dict()
+        state["dhc"] = {
+            "diffdw": self.difficulty_weighting.state_dict(),
+            "distdw": self.distribution_weighting.state_dict(),
+            "labeled_class_counts": None if self.labeled_class_counts is None else self.labeled_class_counts.clone(),
+            "class_weight_log": {k: [list(e) for e in v] for k, v in self.class_weight_log.items()},
+        }
+        return state
+
+    def load_ssl_state_dict(self, state: dict) -> None:
+        super().load_ssl_state_dict(state)
+        if "dhc" not in state:
+            raise RuntimeError(f"{type(self).__name__}: the checkpoint has no DHC class statistics "
+                               "(nnssl_state['dhc']); it was not written by this trainer")
+        dhc = state["dhc"]
+        self.difficulty_weighting.load_state_dict(dhc["diffdw"])
+        # the placeholder counts are overwritten at once by the saved EMA weights
+        distribution = DistributionAwareWeighting(torch.ones(self.num_classes), self.distdw_momentum)
+        distribution.load_state_dict(dhc["distdw"])
+        self._distribution_weighting = distribution
+        counts = dhc.get("labeled_class_counts")
+        self.labeled_class_counts = None if counts is None else torch.as_tensor(counts).clone()
+        self.class_weight_log = {k: [list(e) for e in v] for k, v in dhc.get("class_weight_log", {}).items()}
+
+
+def _as_list(outputs: torch.Tensor | list[torch.Tensor] | tuple) -> list[torch.Tensor]:
+    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+
+def _rounded(values: torch.Tensor | list[float]) -> list[float]:
+    return [round(float(v), 4) for v in values]
+
