@@ -306,7 +306,11 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
     def set_deep_supervision_enabled(self, enabled: bool):
         super().set_deep_supervision_enabled(enabled)
         for name in self.extra_optimizers:
-            unwrap(self.extra_networks[name]).decoder.deep_supervision = enabled
+            net = unwrap(self.extra_networks[name])
+            if hasattr(net, "set_deep_supervision"):  # composite extras (decoder sets, network pairs)
+                net.set_deep_supervision(enabled)
+            elif hasattr(net, "decoder"):
+                net.decoder.deep_supervision = enabled
 
     # ------------------------------------------------------------------ loop hooks
     def on_train_epoch_start(self):

@@ -1,0 +1,1 @@
+"""Network modules the nnssl trainers build from an nnU-Net plans file (dynamic-network-architectures blocks)."""
