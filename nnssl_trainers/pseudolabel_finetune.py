@@ -1,0 +1,264 @@
+import os
+
+import torch
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.crossval_split import generate_crossval_split
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnssl.io import atomic_write_json
+from nnssl.pseudolabel.dataset import is_pseudo_id
+from nnssl.pseudolabel.weighting import pseudo_label_mask, pseudo_sampling_probabilities, pseudo_weighted_loss
+from nnssl.split import SPLIT_FILE_NAME
+from nnssl_trainers.base import ScheduleFromEnvironment, unwrap
+
+SEG_LAYER_KEY = ".seg_layers."  # the keys nnU-Net's load_pretrained_weights leaves out
+
+
+class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
+    """Stage 2 of the FLARE22 pseudo-labeling of Gao, Xu & Fei (SPEC §7): fine-tune the stage-1 model on the
+    labeled cases plus the selected pseudo-labeled cases (ids ``pl_*``, made by ``nnssl_pseudolabel``).
+
+    Paper's Table 3, the defaults here: initialised from the stage-1 model (``-pretrained_weights``); Adam,
+    lr 5e-5, no weight decay (none is listed); ``lr = 5e-5 * (1 - epoch/500)^0.9`` (the paper's formula, whose
+    horizon of 500 epochs is longer than the 40-epoch schedule, so the lr only falls to ~93 %;
+    ``lr_decay_horizon_epochs = None`` gives nnU-Net's horizon = ``num_epochs``); 40 epochs; **no data
+    augmentation** in this stage (the paper augments only the initial stage). Loss: nnU-Net's Dice+CE with deep
+    supervision (paper: Dice+CE). Every case counts the same, as in the paper, unless a variant says otherwise:
+
+    - ``_plWeight05``: the pseudo-labeled samples of a batch get loss weight 0.5,
+      ``L = (n_r L(real) + 0.5 n_p L(pseudo)) / (n_r + n_p)``
+      (:func:`nnssl.pseudolabel.weighting.pseudo_weighted_loss`);
+    - ``_plSampling05``: pseudo-labeled cases are drawn half as often as real ones (nnU-Net's data loader
+      ``sampling_probabilities``, :func:`nnssl.pseudolabel.weighting.pseudo_sampling_probabilities`);
+    - ``_DA``: nnU-Net's usual augmentation instead of none.
+
+    Validation and split: pseudo-labeled cases are never validated on (a Dice against a pseudo-label means
+    nothing). Without ``splits_final.json`` the folds are nnU-Net's 5-fold split (seed 12345) of the *real* labeled
+    ids, which are the source dataset's ids, so fold f validates on the cases the stage-1 fold-f model was validated
+    on (when stage 1 used nnU-Net's default split), and every pl_ case is added to every training fold. An
+    existing ``splits_final.json`` is used, with any pl_ case moved from validation to training.
+
+    ``-pretrained_weights`` loads everything but the segmentation heads (nnU-Net's ``load_pretrained_weights`` is
+    meant for transfer to other labels). The labels are the same here, so at the start of a fresh run the heads
+    are also copied from the source model that ``ssl_split.json`` names (``pseudo_label_rounds[-1]``) **iff** the
+    rest of the network equals that checkpoint, i.e. ``-pretrained_weights`` was given that model; otherwise the
+    log says so and the heads stay freshly initialised.
+
+    Inference: ``nnUNetv2_predict -tr nnUNetTrainerPseudoLabelFinetune`` (one network, ``network_weights``).
+
+    Deviations forced by nnU-Net: patch size, batch size, foreground oversampling (33 %, paper 50 %) and network
+    are nnU-Net's plans (paper: 128^3, batch 2); an epoch is nnU-Net's 250 iterations.
+
+    End-to-end recipe (stage 1 can be any trainer, e.g. nnUNetTrainer or an nnssl SSL trainer)::
+
+        nnssl_plan_and_preprocess -d OLD -c 3d_fullres
+        nnUNetv2_train OLD 3d_fullres 0 -tr nnUNetTrainer
+        nnssl_pseudolabel -d OLD -c 3d_fullres -f 0 -tr nnUNetTrainer -o NEW --preprocess   # --min-voxels 2000
+        STAGE1=$nnUNet_results/DatasetOLD_Name/nnUNetTrainer__nnUNetPlans__3d_fullres
+        nnUNetv2_train NEW 3d_fullres 0 -tr nnUNetTrainerPseudoLabelFinetune \
+            -pretrained_weights $STAGE1/fold_0/checkpoint_final.pth
+        nnUNetv2_predict -d NEW -c 3d_fullres -f 0 -tr nnUNetTrainerPseudoLabelFinetune -i ... -o ...
+
+    ``--preprocess`` plans NEW by *moving* the stage-1 plans (not re-planning), so that the architecture and the
+    intensity normalisation are the stage-1 model's and ``-pretrained_weights`` fits; it runs nnU-Net's own steps
+    (:func:`nnssl.pseudolabel.dataset.preprocess_with_source_plans`), by hand::
+
+        nnUNetv2_extract_fingerprint -d NEW
+        nnUNetv2_move_plans_between_datasets -s OLD -t NEW -sp nnUNetPlans -tp nnUNetPlans
+        cp $nnUNet_raw/DatasetNEW_*/dataset.json $nnUNet_preprocessed/DatasetNEW_*/
+        nnUNetv2_preprocess -d NEW -plans_name nnUNetPlans -c 3d_fullres
+
+    Another round: ``nnssl_pseudolabel -d NEW -c 3d_fullres -f 0 -tr nnUNetTrainerPseudoLabelFinetune -o NEW2
+    --preprocess`` (NEW's imagesUnlabeled holds the cases not selected so far; NEW's plans are OLD's), then train on
+    NEW2 with the NEW model as ``-pretrained_weights``. For an SSL trainer on NEW, also run
+    ``nnssl_preprocess_unlabeled -d NEW -c 3d_fullres``.
+    """
+
+    pseudo_loss_weight: float = 1.0
+    pseudo_sampling_weight: float = 1.0
+    use_data_augmentation: bool = False
+    lr_decay_horizon_epochs: int | None = 500
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 5e-5
+        self.weight_decay = 0.0
+        self.num_epochs = 40
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay)
+        # the horizon never ends before the schedule does: (1 - e/h)^0.9 must stay defined for every epoch e
+        horizon = max(self.lr_decay_horizon_epochs or self.num_epochs, self.num_epochs)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, horizon)
+
+    def train_step(self, batch: dict) -> dict:
+        # nnU-Net's train_step with its loss replaced by the pseudo-weighted one (identical when the weight is 1)
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) \
+            else target.to(self.device, non_blocking=True)
+        is_pseudo = pseudo_label_mask(batch["keys"])
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            loss = pseudo_weighted_loss(self.loss, output, target, is_pseudo, self.pseudo_loss_weight)
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": loss.detach().cpu().numpy()}
+
+    # ------------------------------------------------------------------ split and data
+    def do_split(self):
+        if self.fold != "all":
+            self._create_split_of_real_cases()
+        tr_keys, val_keys = super().do_split()
+        moved = [k for k in val_keys if is_pseudo_id(k)]
+        val_keys = [k for k in val_keys if not is_pseudo_id(k)]
+        tr_keys = list(tr_keys) + [k for k in moved if k not in set(tr_keys)]
+        if moved:
+            self.print_to_log_file(f"{len(moved)} pseudo-labeled case(s) moved from validation to training")
+        if not val_keys:
+            raise RuntimeError(f"fold {self.fold}: no real labeled case left for validation (only pl_* cases)")
+        n_pseudo = sum(is_pseudo_id(k) for k in tr_keys)
+        self.print_to_log_file(f"training on {len(tr_keys) - n_pseudo} labeled + {n_pseudo} pseudo-labeled cases, "
+                               f"validating on {len(val_keys)} labeled cases")
+        if n_pseudo == 0:
+            self.print_to_log_file("note: no pl_* case in this dataset; this is a plain fine-tuning")
+        return tr_keys, val_keys
+
+    def _create_split_of_real_cases(self) -> None:
+        splits_file = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
+        if os.path.isfile(splits_file):
+            return
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        keys = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
+        real = [k for k in keys if not is_pseudo_id(k)]
+        pseudo = [k for k in keys if is_pseudo_id(k)]
+        splits = generate_crossval_split(real, seed=12345, n_splits=5)
+        for split in splits:
+            split["train"] = list(split["train"]) + pseudo
+        self.print_to_log_file(f"Creating 5-fold split of the {len(real)} real labeled cases, with the "
+                               f"{len(pseudo)} pseudo-labeled cases in every training fold")
+        atomic_write_json(splits_file, splits)
+
+    def get_dataloaders(self):
+        # nnU-Net builds both loaders inside this one method with uniform sampling and its augmentation fixed; this
+        # is the same construction with the sampling probabilities and the augmentation made settable
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        patch_size = self.configuration_manager.patch_size
+        scales = self._get_deep_supervision_scales()
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        labels = dict(foreground_labels=self.label_manager.foreground_labels,
+                      regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
+                      ignore_label=self.label_manager.ignore_label)
+        if self.use_data_augmentation:
+            tr_transforms = self.get_training_transforms(
+                patch_size, rotation, scales, mirror_axes, dummy_2d,
+                use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
+                **labels)
+        else:  # as nnUNetTrainerNoDA, but test-time mirroring stays allowed: stage 1 was trained with mirroring
+            tr_transforms = self.get_validation_transforms(scales, is_cascaded=self.is_cascaded, **labels)
+            initial_patch_size = patch_size
+        val_transforms = self.get_validation_transforms(scales, is_cascaded=self.is_cascaded, **labels)
+
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        probabilities = pseudo_sampling_probabilities(dataset_tr.identifiers, self.pseudo_sampling_weight)
+        if probabilities is not None:
+            pseudo_share = sum(p for k, p in zip(dataset_tr.identifiers, probabilities) if is_pseudo_id(k))
+            self.print_to_log_file(f"sampling: pseudo-labeled cases drawn with total probability {pseudo_share:.3f}")
+        common = dict(oversample_foreground_percent=self.oversample_foreground_percent, pad_sides=None,
+                      probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
+                                 sampling_probabilities=probabilities, transforms=tr_transforms, **common)
+        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
+                                  sampling_probabilities=None, transforms=val_transforms, **common)
+        n_proc = get_allowed_n_proc_DA()
+        if n_proc == 0:
+            train_loader, val_loader = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            train_loader = NonDetMultiThreadedAugmenter(dl_tr, None, num_processes=n_proc,
+                                                        num_cached=max(6, n_proc // 2), seeds=None, pin_memory=pin,
+                                                        wait_time=0.002)
+            val_loader = NonDetMultiThreadedAugmenter(dl_val, None, num_processes=max(1, n_proc // 2),
+                                                      num_cached=max(3, n_proc // 4), seeds=None, pin_memory=pin,
+                                                      wait_time=0.002)
+        next(train_loader)  # start the workers now, as nnU-Net does
+        next(val_loader)
+        return train_loader, val_loader
+
+    # ------------------------------------------------------------------ initialisation from the stage-1 model
+    def on_train_start(self):
+        super().on_train_start()
+        if self.current_epoch == 0:  # a fresh run; --c resumes with its own trained heads
+            self.restore_pretrained_segmentation_heads()
+
+    def source_checkpoints(self) -> list[str]:
+        """Checkpoint(s) of the model that made this dataset's newest pseudo-labels, from its ssl_split.json."""
+        import json
+
+        from nnunetv2.paths import nnUNet_raw
+
+        candidates = [os.path.join(self.preprocessed_dataset_folder_base, SPLIT_FILE_NAME)]
+        if nnUNet_raw:
+            candidates.append(os.path.join(str(nnUNet_raw), self.plans_manager.dataset_name, SPLIT_FILE_NAME))
+        for path in candidates:
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rounds = json.load(f).get("pseudo_label_rounds", [])
+                if rounds:
+                    return list(rounds[-1]["model"].get("checkpoint_files", []))
+        return []
+
+    def restore_pretrained_segmentation_heads(self) -> bool:
+        """Copy the segmentation heads from the source checkpoint whose other weights the network already holds
+        (i.e. the one given to -pretrained_weights). Returns whether heads were copied."""
+        network = unwrap(self.network)
+        state = network.state_dict()
+        body = [k for k in state if SEG_LAYER_KEY not in k]
+        for path in self.source_checkpoints():
+            if not os.path.isfile(path):
+                self.print_to_log_file(f"source model {path} (from {SPLIT_FILE_NAME}) not found")
+                continue
+            weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
+            if all(k in weights and weights[k].shape == state[k].shape and torch.equal(weights[k], state[k].cpu())
+                   for k in body):
+                heads = {k: weights[k] for k in state if SEG_LAYER_KEY in k}
+                network.load_state_dict({**state, **heads})
+                self.print_to_log_file(f"segmentation heads ({len(heads)} tensors) restored from {path}: the network "
+                                       f"now equals the source model")
+                return True
+        self.print_to_log_file("note: the network does not hold the source model's weights (no -pretrained_weights, "
+                               "or another checkpoint): segmentation heads left as initialised")
+        return False
+
+
+class nnUNetTrainerPseudoLabelFinetune_plWeight05(nnUNetTrainerPseudoLabelFinetune):
+    pseudo_loss_weight = 0.5
+
+
+class nnUNetTrainerPseudoLabelFinetune_plSampling05(nnUNetTrainerPseudoLabelFinetune):
+    pseudo_sampling_weight = 0.5
+
+
+class nnUNetTrainerPseudoLabelFinetune_DA(nnUNetTrainerPseudoLabelFinetune):
+    use_data_augmentation = True
