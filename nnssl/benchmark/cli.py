@@ -131,7 +131,8 @@ def summarize(results: list[RunResult]) -> list[dict]:
         base = [r for r in runs if r.trainer == BASELINE and r.error is None]
         base_dice = np.mean([_mean(r.dice) for r in base]) if base else float("nan")
         base_sec = np.mean([r.seconds_per_iteration for r in base]) if base else float("nan")
-        base_mem = np.mean([r.max_rss_mb for r in base]) if base else float("nan")
+        base_mem = np.mean([r.cuda_max_allocated_mb if r.cuda_max_allocated_mb is not None else r.max_rss_mb
+                            for r in base]) if base else float("nan")
         for trainer in dict.fromkeys(r.trainer for r in runs):
             mine = [r for r in runs if r.trainer == trainer]
             ok = [r for r in mine if r.error is None]
@@ -149,9 +150,11 @@ def summarize(results: list[RunResult]) -> list[dict]:
                 row["sec_per_iter"] = float(np.mean([r.seconds_per_iteration for r in ok]))
                 row["time_rel"] = row["sec_per_iter"] / base_sec
                 row["max_rss_mb"] = float(np.mean([r.max_rss_mb for r in ok]))
-                row["memory_rel"] = row["max_rss_mb"] / base_mem
                 cuda = [r.cuda_max_allocated_mb for r in ok if r.cuda_max_allocated_mb is not None]
                 row["cuda_max_allocated_mb"] = float(np.mean(cuda)) if cuda else None
+                # on CUDA the GPU memory is what limits patch and batch size; on CPU the process RSS
+                row["peak_mb"] = row["cuda_max_allocated_mb"] if cuda else row["max_rss_mb"]
+                row["memory_rel"] = row["peak_mb"] / base_mem
             rows.append(row)
     return rows
 
@@ -165,7 +168,7 @@ def markdown_table(rows: list[dict]) -> str:
             classes += [k[5:] for k in r if k.startswith("dice_") and k[5:] not in classes
                         and k not in ("dice_mean", "dice_seed_spread")]
         head = ["trainer", *[f"Dice {c}" for c in classes], "Dice mean", "NSD mean", "gain", "seed spread",
-                "s/iter", "time ×", "peak MB", "mem ×"]
+                "s/iter", "time ×", "peak MB (GPU if CUDA, else RSS)", "mem ×"]
         lines += [f"### {dataset}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
         def f(v, fmt="{:.3f}"):
@@ -177,7 +180,7 @@ def markdown_table(rows: list[dict]) -> str:
                 continue
             cells = [r["trainer"], *[f(r.get(f"dice_{c}")) for c in classes], f(r["dice_mean"]), f(r["nsd_mean"]),
                      f(r["gain_vs_supervised"], "{:+.3f}"), f(r["dice_seed_spread"]), f(r["sec_per_iter"]),
-                     f(r["time_rel"], "{:.2f}"), f(r["max_rss_mb"], "{:.0f}"), f(r["memory_rel"], "{:.2f}")]
+                     f(r["time_rel"], "{:.2f}"), f(r["peak_mb"], "{:.0f}"), f(r["memory_rel"], "{:.2f}")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
