@@ -303,7 +303,7 @@ def run_cli(name: str, args: Sequence[str], nnunet_raw: Path, extra_env: dict | 
     env.pop("NNSSL_SPLITS_DIR", None)  # tests choose the published-lists folder explicitly
     env.update(extra_env or {})
     return subprocess.run([script(name), *map(str, args), *(["--no-progress"] if name == "nnssl_convert" else [])],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
 
 
 def assert_nothing_written(nnunet_raw: Path) -> None:

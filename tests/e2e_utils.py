@@ -40,7 +40,7 @@ def nnunet_env(root: Path, **extra: str) -> dict[str, str]:
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 900, expect_ok: bool = True
             ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=timeout)
     if expect_ok and proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}"
                              f"\n--- stderr ---\n{proc.stderr[-6000:]}")

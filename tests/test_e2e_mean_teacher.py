@@ -136,5 +136,5 @@ def test_unlabeled_cases_never_carry_labels(synthetic3d):
 def test_nnunet_cli_rejects_unknown_trainer(synthetic3d):
     proc = subprocess.run(["nnUNetv2_train", str(synthetic3d.dataset_id), "3d_fullres", "0", "-tr",
                            "nnUNetTrainerDoesNotExist", "-device", "cpu"], env=synthetic3d.env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode != 0 and "nnUNetTrainerDoesNotExist" in proc.stderr

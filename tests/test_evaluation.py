@@ -285,7 +285,7 @@ def test_cli_end_to_end_with_dataset_id(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "nnssl.evaluation.cli", str(pred_dir), str(gt_dir), "-d", "123", "-np", "2"],
         capture_output=True,
-        text=True,
+        encoding="utf-8", errors="replace",
         env=env,
         timeout=300,
     )

@@ -202,7 +202,7 @@ def test_nnunet_verify_dataset_integrity_cli(tmp_path):
     exe = Path(sys.executable).parent / "nnUNetv2_extract_fingerprint"
     cmd = [str(exe) if exe.exists() else "nnUNetv2_extract_fingerprint", "-d", "504", "--verify_dataset_integrity",
            "-np", "1"]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     fingerprint = json.loads((preprocessed / "Dataset504_Synthetic3D" / "dataset_fingerprint.json").read_text())
     assert len(fingerprint["spacings"]) == 2  # labeled cases only

@@ -48,9 +48,10 @@ def _env(work: Path, args: argparse.Namespace) -> dict[str, str]:
 
 def _run(cmd: list[str], env: dict[str, str], log: Path, desc: str, total_epochs: int | None = None) -> None:
     """Run a console script, keep its full output in ``log``, show a progress bar (epochs when training)."""
-    with open(log, "w") as f, tqdm(total=total_epochs, desc=desc, unit="epoch" if total_epochs else "step",
-                                   leave=True) as bar:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    unit = "epoch" if total_epochs else "step"
+    with open(log, "w", encoding="utf-8") as f, tqdm(total=total_epochs, desc=desc, unit=unit, leave=True) as bar:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
+                                errors="replace")
         for line in proc.stdout:
             f.write(line)
             if total_epochs and re.search(r": Epoch time:", line):
