@@ -66,7 +66,7 @@ def train_interrupt_resume(env: dict[str, str], dataset_id: int, dataset: str, c
     latest = out / "checkpoint_latest.pth"
     deadline = time.time() + 600
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.5)
+        time.sleep(0.1)  # kill soon after epoch 0 is saved, well before epoch 1 can finish
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)  # an interruption, not a clean stop
         proc.wait()
