@@ -1,11 +1,41 @@
-"""Per-epoch SSL diagnostics: a json series and a figure beside nnU-Net's progress.png."""
+"""Per-epoch SSL diagnostics: the confidence statistics of pseudo-labels, a json series and a figure beside
+nnU-Net's progress.png."""
 
 from __future__ import annotations
 
 import math
 import os
 
+import torch
+
 from nnssl.io import atomic_write_json
+
+# None of MT, CPS, DHC, GuidedNet, SDCL or MGCC thresholds its pseudo-labels (SPEC section 7), so the fraction of
+# confident voxels is a diagnostic at the threshold FixMatch/UniMatch use (0.95) unless a trainer names its own.
+DEFAULT_CONFIDENCE_THRESHOLD = 0.95
+
+
+@torch.no_grad()
+def pseudo_label_confidence_stats(logits: torch.Tensor, threshold: float = DEFAULT_CONFIDENCE_THRESHOLD,
+                                  regions: bool = False) -> torch.Tensor:
+    """``[mean_v c_v, mean_v 1[c_v >= τ]]`` with ``c_v = max_k softmax(z)_{k,v}`` the probability of the hard
+    pseudo-label at voxel ``v`` (``regions``: ``c = max(σ(z), 1 - σ(z))`` per region channel, averaged over the
+    channels as well).
+
+    ``logits`` ``(N, K, *spatial)``; returns a float32 tensor of 2 elements on the logits' device, without a
+    graph, so a trainer can stack it with its other logged scalars and copy them to the host once.
+    """
+    if logits.ndim < 3:
+        raise ValueError(f"logits must be (N, K, *spatial), got shape {tuple(logits.shape)}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    z = logits.detach().float()
+    if regions:
+        p = torch.sigmoid(z)
+        confidence = torch.maximum(p, 1 - p)
+    else:
+        confidence = torch.softmax(z, 1).amax(1)
+    return torch.stack((confidence.mean(), (confidence >= threshold).float().mean()))
 
 
 def save_ssl_progress(log: dict[str, list[float]], path: str | os.PathLike) -> None:

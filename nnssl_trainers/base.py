@@ -36,6 +36,7 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnssl.diagnostics import DEFAULT_CONFIDENCE_THRESHOLD, pseudo_label_confidence_stats
 from nnssl.preprocessing.unlabeled import completed_cases, unlabeled_folder, withheld_labels_folder
 
 ENV_NUM_EPOCHS = "NNSSL_NUM_EPOCHS"
@@ -44,6 +45,7 @@ ENV_VAL_ITERATIONS = "NNSSL_VAL_ITERATIONS_PER_EPOCH"
 ENV_SAVE_EVERY = "NNSSL_SAVE_EVERY"
 ENV_LABELED_BS = "NNSSL_LABELED_BATCH_SIZE"
 ENV_UNLABELED_BS = "NNSSL_UNLABELED_BATCH_SIZE"
+ENV_SKIP_FINAL_VALIDATION = "NNSSL_SKIP_FINAL_VALIDATION"
 
 
 def _env_int(name: str) -> int | None:
@@ -85,7 +87,17 @@ class IterationTimer:
 class ScheduleFromEnvironment(IterationTimer):
     """Mixin: ``NNSSL_NUM_EPOCHS``, ``NNSSL_ITERATIONS_PER_EPOCH``, ``NNSSL_VAL_ITERATIONS_PER_EPOCH`` and
     ``NNSSL_SAVE_EVERY`` override the schedule at ``initialize()`` (after every subclass ``__init__`` has set
-    its own defaults and before the lr scheduler is built from ``num_epochs``)."""
+    its own defaults and before the lr scheduler is built from ``num_epochs``).
+
+    ``NNSSL_SKIP_FINAL_VALIDATION=1`` skips the sliding-window prediction of the validation cases after training
+    (``nnUNetv2_train --val`` can still run it later): ``nnssl_benchmark`` scores the test set instead, and on a
+    CPU this prediction costs as much as a short schedule."""
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        if os.environ.get(ENV_SKIP_FINAL_VALIDATION, "") not in ("", "0"):
+            self.print_to_log_file(f"{ENV_SKIP_FINAL_VALIDATION} is set: final validation skipped")
+            return
+        super().perform_actual_validation(save_probabilities)
 
     def apply_schedule_from_environment(self) -> None:
         for env, attr in ((ENV_NUM_EPOCHS, "num_epochs"), (ENV_ITERATIONS, "num_iterations_per_epoch"),
@@ -147,6 +159,9 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
     max_rampup_fraction: float = 0.4
     # unlabeled cases whose withheld labels (labelsUnlabeled) score the pseudo-labels each epoch (diagnostic)
     diagnostic_cases: int = 4
+    # the pseudo-label confidence above which a voxel counts as confident in the ``fraction_above_threshold``
+    # diagnostic; a method with its own confidence threshold sets it to that value
+    confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -174,7 +189,8 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
         unlabeled = _env_int(ENV_UNLABELED_BS) or self.unlabeled_batch_size
         self.unlabeled_batch_size_per_rank = max(1, round(unlabeled / world)) if unlabeled else self.batch_size
         self.print_to_log_file(f"batch per rank: {self.batch_size} labeled + {self.unlabeled_batch_size_per_rank} "
-                               f"unlabeled")
+                               f"unlabeled; fraction_above_threshold counts pseudo-label confidence >= "
+                               f"{self.confidence_threshold}")
 
     def build_extra_networks(self) -> None:
         """Hook: create extra networks with ``register_extra_network``. The default adds none."""
@@ -341,6 +357,13 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
             series[self.current_epoch:] = [value]
         if values:
             self.print_to_log_file("ssl: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+
+    def confidence_stats(self, *logits: torch.Tensor) -> torch.Tensor:
+        """``[mean confidence, fraction_above_threshold]`` of the pseudo-labels of each logits tensor, averaged
+        over the tensors (e.g. the two networks of CPS); see :func:`nnssl.diagnostics.pseudo_label_confidence_stats`.
+        """
+        return torch.stack([pseudo_label_confidence_stats(z, self.confidence_threshold, self.label_manager.has_regions)
+                            for z in logits]).mean(0)
 
     def pseudo_label_network(self) -> nn.Module:
         """The network whose argmax is the method's pseudo-label (for diagnostics); default the inference one."""

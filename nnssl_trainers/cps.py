@@ -178,10 +178,12 @@ class nnUNetTrainerCPS(nnUNetTrainerSSLBase):
         self.global_iteration += 1
         # one device sync for all logged scalars
         logged = torch.stack([t.detach().float() for t in (supervised_1, supervised_2, loss_cps, agreement,
-                                                            confidence)]).cpu().tolist()
+                                                            confidence,
+                                                            self.confidence_stats(out1[0][n_l:], out2[0][n_l:])[1])]
+                             ).cpu().tolist()
         return {"loss": loss.detach().cpu().numpy(), "loss_supervised_1": logged[0], "loss_supervised_2": logged[1],
                 "loss_cps": logged[2], "cps_weight": weight, "agreement": logged[3],
-                "pseudo_label_confidence": logged[4]}
+                "pseudo_label_confidence": logged[4], "fraction_above_threshold": logged[5]}
 
 
 class nnUNetTrainerCPS_wholeBatch(nnUNetTrainerCPS):

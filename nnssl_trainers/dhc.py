@@ -196,10 +196,12 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         with torch.no_grad():
             agreement = (hard_pseudo_label(full_a) == hard_pseudo_label(full_b)).float().mean()
             # one device->host copy for every logged scalar
-            values = torch.stack([loss.detach().float(), sup_a.detach().float(), sup_b.detach().float(),
-                                  cps.detach().float(), agreement]).cpu().numpy()
+            values = torch.cat((torch.stack([loss.detach().float(), sup_a.detach().float(), sup_b.detach().float(),
+                                             cps.detach().float(), agreement]),
+                                self.confidence_stats(full_a[n_l:], full_b[n_l:]))).cpu().numpy()
         return {"loss": values[0], "loss_sup_a": float(values[1]), "loss_sup_b": float(values[2]),
-                "loss_cps": float(values[3]), "cps_weight": weight, "agreement": float(values[4])}
+                "loss_cps": float(values[3]), "cps_weight": weight, "agreement": float(values[4]),
+                "pseudo_label_confidence": float(values[5]), "fraction_above_threshold": float(values[6])}
 
     # ------------------------------------------------------------------ class-weight log
     def _accumulate_epoch_weights(self, weights_a: torch.Tensor, weights_b: torch.Tensor) -> None:

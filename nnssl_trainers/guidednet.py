@@ -415,6 +415,7 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
                 "loss_kernel_consistency": kernel_consistency,
                 "loss_ktcps": kt_cps,
                 **self._unlabeled_diagnostics(logits[0][n_l:], logits[1][n_l:]),
+                "fraction_above_threshold": self.confidence_stats(logits[0][n_l:], logits[1][n_l:])[1],
                 "kt_weight_min": w_b.min(),
                 "kt_weight_max": w_b.max(),
                 **extra_logs,

@@ -68,11 +68,10 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
         self.backward_and_step(loss)
         update_ema_(unwrap(self.teacher), unwrap(self.network), self.ema_decay, self.global_iteration)
         self.global_iteration += 1
-        with torch.no_grad():
-            confidence = torch.softmax(teacher_logits.float(), 1).max(1)[0].mean()
-        return {"loss": loss.detach().cpu().numpy(), "loss_supervised": supervised.item(),
-                "loss_consistency": consistency.item(), "consistency_weight": weight,
-                "teacher_confidence": confidence.item()}
+        logged = torch.cat((torch.stack((supervised.detach().float(), consistency.detach().float())),
+                            self.confidence_stats(teacher_logits))).cpu().tolist()
+        return {"loss": loss.detach().cpu().numpy(), "loss_supervised": logged[0], "loss_consistency": logged[1],
+                "consistency_weight": weight, "teacher_confidence": logged[2], "fraction_above_threshold": logged[3]}
 
 
 class nnUNetTrainerMeanTeacher_consistencyAll(nnUNetTrainerMeanTeacher):

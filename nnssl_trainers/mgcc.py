@@ -172,9 +172,11 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
             hard_main, confidence = self._decisions(main_u.detach())
             agreement = torch.stack([(self._decisions(a.detach())[0] == hard_main).float().mean() for a in aux_u])
             logged = torch.stack([loss.detach().float(), loss_sup.detach().float(), loss_sup_main.detach().float(),
-                                  consistency.detach().float(), confidence, agreement.mean()]).cpu().tolist()
+                                  consistency.detach().float(), confidence, agreement.mean(),
+                                  self.confidence_stats(main_u)[1]]).cpu().tolist()
         return {"loss": logged[0], "loss_sup": logged[1], "loss_sup_main": logged[2], "loss_consistency": logged[3],
-                "consistency_weight": weight, "mean_confidence": logged[4], "agreement": logged[5]}
+                "consistency_weight": weight, "mean_confidence": logged[4], "agreement": logged[5],
+                "fraction_above_threshold": logged[6]}
 
 
 class nnUNetTrainerMGCC_noGlobalContext(nnUNetTrainerMGCC):

@@ -473,9 +473,11 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
         self.backward_and_step(loss)
         update_teacher_(self.teacher, self.network, self.ema_decay)
         logged = torch.stack((loss.detach().float(), (loss1.mix.detach() + loss2.mix.detach()) / 2,
-                              loss1.mse.detach(), loss1.kl.detach(), disc.float().mean(), confidence)).tolist()
+                              loss1.mse.detach(), loss1.kl.detach(), disc.float().mean(), confidence,
+                              self.confidence_stats(teacher_logits)[1])).tolist()
         return {"loss": np.float32(logged[0]), **dict(zip(("loss_mix", "loss_mse", "loss_kl", "discrepancy_fraction",
-                                                          "teacher_confidence"), logged[1:]))}
+                                                          "teacher_confidence", "fraction_above_threshold"),
+                                                         logged[1:]))}
 
     # ------------------------------------------------------------------ checkpoints
     def ssl_state_dict(self) -> dict:

@@ -30,7 +30,8 @@ def _fold0_training_histogram(preprocessed, num_classes: int) -> list[int]:
 def test_dhc_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     ds = synthetic3d
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, "3d_fullres", TRAINER)
-    assert_finite_progress(fold, ["loss_sup_a", "loss_sup_b", "loss_cps", "cps_weight", "agreement"])
+    assert_finite_progress(fold, ["loss_sup_a", "loss_sup_b", "loss_cps", "cps_weight", "agreement",
+                                  "pseudo_label_confidence", "fraction_above_threshold"])
     assert (fold / "progress.png").is_file() and (fold / "ssl_progress.png").is_file()
     assert (fold / "dhc_class_weights.png").read_bytes()[:4] == b"\x89PNG"
     logged = json.loads((fold / "dhc_class_weights.json").read_text())

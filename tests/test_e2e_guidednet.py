@@ -23,8 +23,8 @@ pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerGuidedNet"
 VARIANT = "nnUNetTrainerGuidedNet_FittedGMM"
 LOGGED = ["loss_supervised", "loss_gmm_labeled", "loss_gmm_unlabeled", "loss_prototype", "loss_kernel_consistency",
-          "loss_ktcps", "unsup_weight", "agreement", "pseudo_label_confidence", "kt_weight_min", "kt_weight_max",
-          "pseudo_label_dice"]
+          "loss_ktcps", "unsup_weight", "agreement", "pseudo_label_confidence", "fraction_above_threshold",
+          "kt_weight_min", "kt_weight_max", "pseudo_label_dice"]
 
 
 def test_guidednet_trainers_are_found_by_nnunet_lookup(synthetic3d):

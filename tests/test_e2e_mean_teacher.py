@@ -43,7 +43,7 @@ def test_mean_teacher_3d_interrupt_resume_predict_evaluate(synthetic3d, tmp_path
     ds = synthetic3d
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, "3d_fullres", TRAINER)
     assert_finite_progress(fold, ["loss_consistency", "loss_supervised", "consistency_weight",
-                                  "teacher_confidence", "pseudo_label_dice"])
+                                  "teacher_confidence", "fraction_above_threshold", "pseudo_label_dice"])
     assert (fold / "ssl_progress.png").is_file() and (fold / "progress.png").is_file()
 
     trainer, ckpt = restore_trainer(ds.env, fold)

@@ -27,7 +27,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerMGCC"
-LOGGED = ["loss_sup", "loss_sup_main", "loss_consistency", "consistency_weight", "mean_confidence", "agreement"]
+LOGGED = ["loss_sup", "loss_sup_main", "loss_consistency", "consistency_weight", "mean_confidence", "agreement",
+          "fraction_above_threshold"]
 
 UNLABELED_IDS_SNIPPET = """
 import json, sys, torch

@@ -24,7 +24,7 @@ def _train_resume_check(ds, configuration: str, extra_env: dict[str, str] | None
     assert log["stage"] == [1.0, 2.0]  # SMOKE_SCHEDULE: 2 epochs, the switch after the first
     assert np.all(np.isfinite(np.array(log["loss_mix"], dtype=float)))
     assert np.all(np.isfinite(np.array(log["discrepancy_fraction"], dtype=float)))
-    for key in ("loss_mse", "loss_kl", "teacher_confidence"):  # stage-2 quantities
+    for key in ("loss_mse", "loss_kl", "teacher_confidence", "fraction_above_threshold"):  # stage-2 quantities
         values = np.array(log[key], dtype=float)
         assert np.isnan(values[0]) and np.isfinite(values[1]), (key, values)
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
