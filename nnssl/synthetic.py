@@ -107,14 +107,24 @@ def _deformed_ellipsoid(
     return (local**2).sum(0) < (1.0 + deform * bump) ** 2
 
 
-def _make_case_3d(rng: np.random.Generator, imbalanced: bool) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
-    """One CT-like case: ``(image int16 HU, label uint8, spacing (z, y, x) mm)``."""
-    spacing = tuple(float(s * rng.uniform(0.95, 1.05)) for s in SPACING_3D)
-    grid = np.indices(SHAPE_3D, dtype=np.float64)
-    centre = (np.array(SHAPE_3D, dtype=np.float64) - 1) / 2
+def shape_3d(voxel_scale: float) -> tuple[int, int, int]:
+    """Volume shape for voxels ``voxel_scale`` times the default spacing, covering the same field of view."""
+    return tuple(int(round(n / voxel_scale)) for n in SHAPE_3D)
+
+
+def _make_case_3d(rng: np.random.Generator, imbalanced: bool, voxel_scale: float = 1.0
+                  ) -> tuple[np.ndarray, np.ndarray, tuple[float, ...]]:
+    """One CT-like case: ``(image int16 HU, label uint8, spacing (z, y, x) mm)``.
+
+    Anatomy is drawn in mm, so ``voxel_scale`` only changes the sampling: the same body and organs on a grid of
+    ``SHAPE_3D / voxel_scale`` voxels of ``SPACING_3D * voxel_scale`` mm (and the same random draws)."""
+    shape = shape_3d(voxel_scale)
+    spacing = tuple(float(s * voxel_scale * rng.uniform(0.95, 1.05)) for s in SPACING_3D)
+    grid = np.indices(shape, dtype=np.float64)
+    centre = (np.array(shape, dtype=np.float64) - 1) / 2
     coords = (grid - centre[:, None, None, None]) * np.array(spacing)[:, None, None, None]
     z, y, x = coords
-    half_y, half_x = SHAPE_3D[1] * spacing[1] / 2, SHAPE_3D[2] * spacing[2] / 2
+    half_y, half_x = shape[1] * spacing[1] / 2, shape[2] * spacing[2] / 2
 
     # Body: elliptical cross-section whose radii vary smoothly along z; fat rim of a few mm.
     ry = half_y * rng.uniform(0.82, 0.9) * (1 + 0.03 * np.sin(z / 20.0 + rng.uniform(0, 6.28)))
@@ -126,7 +136,7 @@ def _make_case_3d(rng: np.random.Generator, imbalanced: bool) -> tuple[np.ndarra
     spine = (y - (ry - fat_mm - 7.0)) ** 2 + (x - rng.uniform(-1.5, 1.5)) ** 2 < rng.uniform(4.5, 6.0) ** 2
     allowed = inner & ~spine
 
-    label = np.zeros(SHAPE_3D, dtype=np.uint8)
+    label = np.zeros(shape, dtype=np.uint8)
     organ_masks = []
     for organ in _ORGANS:
         radii = _ADRENAL_BALANCED_RADII_MM if (organ.label == 4 and not imbalanced) else organ.radii_mm
@@ -141,11 +151,11 @@ def _make_case_3d(rng: np.random.Generator, imbalanced: bool) -> tuple[np.ndarra
     # overlap across cases while staying ordered within one.
     contrast = rng.uniform(0.5, 1.0)
     soft_tissue_hu = rng.uniform(10.0, 30.0)
-    image = np.full(SHAPE_3D, -1000.0)
+    image = np.full(shape, -1000.0)
     image[body] = rng.uniform(-110.0, -90.0)
     image[inner] = soft_tissue_hu
     # Mesenteric / retroperitoneal fat between organs, which is what outlines kidneys and spleen on real CT.
-    visceral_fat = inner & (label == 0) & (_smooth_field(rng, SHAPE_3D, (5, 7, 7)) > rng.uniform(-0.2, 0.4))
+    visceral_fat = inner & (label == 0) & (_smooth_field(rng, shape, (5, 7, 7)) > rng.uniform(-0.2, 0.4))
     image[visceral_fat] = rng.uniform(-110.0, -70.0)
     # Bowel loops: soft-tissue blobs in organ-like HU that are not labeled, so intensity alone is not enough.
     for _ in range(int(rng.integers(1, 4))):
@@ -153,16 +163,16 @@ def _make_case_3d(rng: np.random.Generator, imbalanced: bool) -> tuple[np.ndarra
         blob = _deformed_ellipsoid(rng, coords, c, rng.uniform(4.0, 8.0, size=3), deform=0.2) & inner
         image[blob & (label == 0)] = rng.uniform(20.0, 90.0)
     image[spine] = rng.uniform(300.0, 500.0)
-    texture = _smooth_field(rng, SHAPE_3D, (8, 12, 12))
+    texture = _smooth_field(rng, shape, (8, 12, 12))
     for organ, mask in organ_masks:
         visible = mask & (label == organ.label)  # minus voxels a later organ painted over
         mean_hu = organ.base_hu + organ.enhancement_hu * contrast + rng.normal(0.0, 8.0)
         image[visible] = mean_hu + 6.0 * texture[visible]
 
-    bias = rng.uniform(8.0, 20.0) * _smooth_field(rng, SHAPE_3D, (3, 3, 3))
+    bias = rng.uniform(8.0, 20.0) * _smooth_field(rng, shape, (3, 3, 3))
     image = np.where(body, image + bias, image)
     image = ndimage.gaussian_filter(image, sigma=(0.4, 0.7, 0.7))  # partial-volume blur
-    image += rng.normal(0.0, rng.uniform(10.0, 18.0), size=SHAPE_3D)
+    image += rng.normal(0.0, rng.uniform(10.0, 18.0), size=shape)
     image = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
     return image, label, spacing
 
@@ -291,13 +301,18 @@ def make_synthetic_dataset(
     imbalanced: bool = True,
     name: str | None = None,
     overwrite: bool = False,
+    voxel_scale: float = 1.0,
 ) -> Path:
     """Write ``raw_root/Dataset{id:03d}_{name}`` in the nnssl raw-format contract and return its path.
 
     Labeled cases go to imagesTr/labelsTr, unlabeled ones to imagesUnlabeled with their withheld ground truth in
     labelsUnlabeled, test cases to imagesTs/labelsTs. ``imbalanced`` (3D) makes the adrenal a few dozen voxels
-    against thousands of liver voxels; (2D) it makes lesions smaller. The folder appears only when complete.
+    against thousands of liver voxels; (2D) it makes lesions smaller. ``voxel_scale`` (3D) samples the same
+    anatomy with voxels that many times larger (1.5: 21x32x32 voxels of 4.5x2.25x2.25 mm, about 3.4x fewer voxels,
+    for CPU benchmarks). The folder appears only when complete.
     """
+    if voxel_scale <= 0 or (kind != "3d" and voxel_scale != 1.0):
+        raise ValueError(f"voxel_scale must be > 0 and is for kind '3d' only (got {voxel_scale} for '{kind}')")
     name = name or DEFAULT_NAMES.get(kind, "")
     _check_arguments(dataset_id, kind, n_labeled, n_unlabeled, n_test, name)
     raw_root = Path(raw_root)
@@ -320,7 +335,7 @@ def make_synthetic_dataset(
             rng = np.random.default_rng([seed, int(case[len(CASE_PREFIX):])])
             img_dir, lab_dir = folders[case]
             if kind == "3d":
-                image, label, spacing = _make_case_3d(rng, imbalanced)
+                image, label, spacing = _make_case_3d(rng, imbalanced, voxel_scale)
                 _write_nifti(image, spacing, out / img_dir / f"{case}_0000{ending}")
                 _write_nifti(label, spacing, out / lab_dir / f"{case}{ending}")
             else:
@@ -333,14 +348,15 @@ def make_synthetic_dataset(
             "numTraining": len(labeled),
             "file_ending": ending,
             "name": folder_name,
-            "description": f"nnssl synthetic {kind} dataset (seed {seed}, imbalanced={imbalanced})",
+            "description": f"nnssl synthetic {kind} dataset (seed {seed}, imbalanced={imbalanced}"
+                           + (f", voxel_scale={voxel_scale})" if voxel_scale != 1.0 else ")"),
             "numUnlabeled": len(unlabeled),
             "numTest": len(test),
         }
         if kind == "2d":
             dataset_json["overwrite_image_reader_writer"] = "NaturalImage2DIO"
         atomic_write_json(out / "dataset.json", dataset_json)
-        extra = {"generator": "nnssl.synthetic", "kind": kind, "imbalanced": imbalanced}
+        extra = {"generator": "nnssl.synthetic", "kind": kind, "imbalanced": imbalanced, "voxel_scale": voxel_scale}
         if kind == "2d":
             extra["normal_cases"] = sorted(normal)
         split = SSLSplit(labeled, unlabeled, test, seed=seed, origin="synthetic", extra=extra)
@@ -364,6 +380,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=4, help="number of test cases (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="no class imbalance (3D adrenal as large as a kidney)")
+    p.add_argument("--voxel-scale", type=float, default=1.0,
+                   help="3d: voxels this many times the default 3x1.5x1.5 mm, same field of view (default 1)")
     p.add_argument("--name", default=None, help="dataset name (default Synthetic3D / Synthetic2D)")
     p.add_argument("--raw", default=None, help="raw data root (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
@@ -379,6 +397,7 @@ def main(argv: list[str] | None = None) -> None:
         path = make_synthetic_dataset(
             raw, args.dataset_id, kind=args.kind, n_labeled=args.labeled, n_unlabeled=args.unlabeled,
             n_test=args.test, seed=args.seed, imbalanced=not args.balanced, name=args.name, overwrite=args.overwrite,
+            voxel_scale=args.voxel_scale,
         )
     except (ValueError, FileExistsError) as e:
         raise SystemExit(f"nnssl_make_synthetic: {e}") from e

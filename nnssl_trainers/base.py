@@ -46,6 +46,7 @@ ENV_SAVE_EVERY = "NNSSL_SAVE_EVERY"
 ENV_LABELED_BS = "NNSSL_LABELED_BATCH_SIZE"
 ENV_UNLABELED_BS = "NNSSL_UNLABELED_BATCH_SIZE"
 ENV_SKIP_FINAL_VALIDATION = "NNSSL_SKIP_FINAL_VALIDATION"
+ENV_INITIAL_LR = "NNSSL_INITIAL_LR"
 
 
 def _env_int(name: str) -> int | None:
@@ -89,6 +90,10 @@ class ScheduleFromEnvironment(IterationTimer):
     ``NNSSL_SAVE_EVERY`` override the schedule at ``initialize()`` (after every subclass ``__init__`` has set
     its own defaults and before the lr scheduler is built from ``num_epochs``).
 
+    ``NNSSL_INITIAL_LR`` replaces nnU-Net's initial learning rate (0.01, SGD with poly decay) of trainers that use
+    nnU-Net's optimiser (``uses_nnunet_optimizer``); trainers with a paper-specific optimiser (the pseudo-label
+    fine-tuning's Adam 5e-5, SDCL's ``_adam``) keep theirs and log that the variable was ignored.
+
     ``NNSSL_SKIP_FINAL_VALIDATION=1`` skips the sliding-window prediction of the validation cases after training
     (``nnUNetv2_train --val`` can still run it later): ``nnssl_benchmark`` scores the test set instead, and on a
     CPU this prediction costs as much as a short schedule."""
@@ -99,7 +104,23 @@ class ScheduleFromEnvironment(IterationTimer):
             return
         super().perform_actual_validation(save_probabilities)
 
+    uses_nnunet_optimizer: bool = True
+
     def apply_schedule_from_environment(self) -> None:
+        lr = os.environ.get(ENV_INITIAL_LR, "")
+        if lr:
+            try:
+                value = float(lr)
+            except ValueError:
+                raise ValueError(f"environment variable {ENV_INITIAL_LR}={lr!r} must be a positive number") from None
+            if not value > 0:
+                raise ValueError(f"environment variable {ENV_INITIAL_LR}={lr!r} must be a positive number")
+            if self.uses_nnunet_optimizer:
+                self.initial_lr = value
+                self.print_to_log_file(f"{ENV_INITIAL_LR}={lr}: initial_lr set to {value}")
+            else:
+                self.print_to_log_file(f"{ENV_INITIAL_LR}={lr} ignored: this trainer keeps its own optimiser "
+                                       f"(initial_lr {self.initial_lr})")
         for env, attr in ((ENV_NUM_EPOCHS, "num_epochs"), (ENV_ITERATIONS, "num_iterations_per_epoch"),
                           (ENV_VAL_ITERATIONS, "num_val_iterations_per_epoch"), (ENV_SAVE_EVERY, "save_every")):
             value = _env_int(env)

@@ -90,6 +90,7 @@ class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 5e-5
+        self.uses_nnunet_optimizer = False
         self.weight_decay = 0.0
         self.num_epochs = 40
 

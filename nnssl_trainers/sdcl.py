@@ -525,6 +525,7 @@ class nnUNetTrainerSDCL_adam(nnUNetTrainerSDCL):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-3
+        self.uses_nnunet_optimizer = False
 
     def configure_optimizers(self):
         from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler

@@ -45,17 +45,45 @@ def test_seconds_per_iteration_drops_warmup_epoch():
 
 @pytest.mark.slow
 def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
+    """--smoke through the real CLIs, with the two-stage pseudo-label row: the baseline is put first (it is stage 1),
+    nnssl_pseudolabel writes a free dataset id (every unlabeled case kept with --pl-min-voxels 0), the fine-tuned
+    model predicts the source's test set."""
+    from nnssl.benchmark.cli import PSEUDO_LABEL_REGISTRY, PSEUDO_LABEL_TRAINER
+    from nnssl.pseudolabel.dataset import REPORT_JSON
+
     ds = synthetic3d
     out = tmp_path / "bench"
+    env = {**ds.env, "nnUNet_results": str(tmp_path / "results")}
     proc = run_cli(["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "3d_fullres", "-f", "0", "--smoke",
-                    "-device", "cpu", "-o", str(out)], {**ds.env, "nnUNet_results": str(tmp_path / "results")})
+                    "-device", "cpu", "-o", str(out), "--trainers", "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER,
+                    "--pl-min-voxels", "0"], env)
     data = json.loads((out / "benchmark.json").read_text())
-    assert [r["trainer"] for r in data["rows"]] == [BASELINE, "nnUNetTrainerMeanTeacher"]
+    assert [r["trainer"] for r in data["rows"]] == [BASELINE, "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER]
     for run in data["runs"]:
-        assert run["error"] is None
+        assert run["error"] is None, run
         assert set(run["dice"]) == {"liver", "spleen", "kidney", "adrenal"}
         assert run["seconds_per_iteration"] > 0 and run["max_rss_mb"] > 100
+        assert run["dataset"] == ds.name  # the pseudo-label row is scored in the source dataset's table
+
+    registry = json.loads((out / PSEUDO_LABEL_REGISTRY).read_text())
+    (new_id,) = registry.values()
+    assert 900 <= new_id <= 999 and new_id != ds.dataset_id
+    (new_raw,) = (ds.raw.parent).glob(f"Dataset{new_id}_*")
+    report = json.loads((new_raw / REPORT_JSON).read_text())
+    n_unlabeled = len(list((ds.raw / "imagesUnlabeled").glob("*.nii.gz")))
+    assert report["num_selected"] == report["num_predicted"] == n_unlabeled
+    assert len(list((new_raw / "labelsTr").glob("pl_*.nii.gz"))) == n_unlabeled
+    pl_run = data["runs"][2]
+    assert f"{n_unlabeled} of {n_unlabeled} unlabeled cases selected" in pl_run["notes"]
+    finetuned = (tmp_path / "results" / new_raw.name / f"{PSEUDO_LABEL_TRAINER}__nnUNetPlans__3d_fullres" / "fold_0")
+    assert (finetuned / "checkpoint_final.pth").is_file()
+    # stage 2 started from the stage-1 model (-pretrained_weights given, heads copied from it)
+    log = "".join(p.read_text() for p in finetuned.glob("training_log_*.txt"))
+    assert "segmentation heads" in log and "now equals the source model" in log
+
     with open(out / "benchmark.csv") as f:
-        assert len(list(csv.DictReader(f))) == 2
+        assert len(list(csv.DictReader(f))) == 3
     assert (out / "benchmark.png").stat().st_size > 0
-    assert "Dice mean" in (out / "benchmark.md").read_text() and "nnUNetTrainerMeanTeacher" in proc.stdout
+    table = (out / "benchmark.md").read_text()
+    assert "Dice mean" in table and f"- {PSEUDO_LABEL_TRAINER}: stage 1 = the {BASELINE} row" in table
+    assert "nnUNetTrainerMeanTeacher" in proc.stdout

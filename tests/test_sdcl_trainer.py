@@ -470,3 +470,20 @@ def test_variants_adam_resenc_and_largest_component(tmp_path, monkeypatch):
     lcc.on_train_epoch_start()
     out = lcc.train_step(_batch(5))
     assert lcc.stage == 2 and math.isfinite(out["loss_kl"])
+
+
+def test_initial_lr_from_environment_only_for_nnunet_sgd_trainers(tmp_path, monkeypatch):
+    """NNSSL_INITIAL_LR (benchmark presets) replaces nnU-Net's 0.01; SDCL's official-Adam variant keeps 1e-3."""
+    from nnssl_trainers.sdcl import nnUNetTrainerSDCL_adam
+
+    monkeypatch.setenv("NNSSL_INITIAL_LR", "0.05")
+    sgd = _trainer(tmp_path, monkeypatch)
+    assert sgd.initial_lr == pytest.approx(1e-2)
+    sgd.apply_schedule_from_environment()
+    assert sgd.initial_lr == pytest.approx(0.05)
+    adam = _trainer(tmp_path, monkeypatch, trainer_cls=nnUNetTrainerSDCL_adam)
+    adam.apply_schedule_from_environment()
+    assert adam.initial_lr == pytest.approx(1e-3)
+    monkeypatch.setenv("NNSSL_INITIAL_LR", "-1")
+    with pytest.raises(ValueError, match="NNSSL_INITIAL_LR"):
+        _trainer(tmp_path, monkeypatch).apply_schedule_from_environment()

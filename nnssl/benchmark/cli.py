@@ -8,6 +8,14 @@ over the supervised baseline, seconds per training iteration and peak memory rel
 The baseline is ``nnUNetTrainerSupervised``: nnU-Net's ``nnUNetTrainer`` unchanged except that it honours the
 ``NNSSL_*`` schedule variables, so every row trains on the same labeled cases for the same number of iterations.
 
+``nnUNetTrainerPseudoLabelFinetune`` (and its variants) is a two-stage row, the FLARE22 recipe chained with the
+same commands a user runs: the baseline's model of this benchmark is stage 1; ``nnssl_pseudolabel ... --preprocess``
+writes the pseudo-labeled dataset (a free dataset id, or ``--pl-dataset-id``; reruns reuse the id this benchmark
+made, recorded in ``pseudolabel_datasets.json``); ``nnUNetv2_train`` fine-tunes with ``-pretrained_weights`` for
+the same schedule as every other row (so stage 1 + 2 train twice as many iterations); the test set is the source's.
+Its seconds per iteration and memory are the fine-tuning stage's; the pseudo-labeling time, the number of selected
+cases and their Dice against withheld labels are in the row's notes.
+
 ``--synthetic`` generates a class-imbalanced 3D multi-organ set (few labeled, many unlabeled with withheld labels,
 a labeled test set) and a 2D ultrasound-like set, and runs every seed in ``--seeds``; ``--smoke`` shrinks
 everything to seconds (used by the test suite).
@@ -37,7 +45,19 @@ SSL_TRAINERS = (
     "nnUNetTrainerSDCL",
     "nnUNetTrainerDHC",
     "nnUNetTrainerMGCC",
+    "nnUNetTrainerPseudoLabelFinetune",
 )
+PSEUDO_LABEL_TRAINER = "nnUNetTrainerPseudoLabelFinetune"
+PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
+# the FLARE22 rule (every organ >= 2000 voxels) is meant for CT volumes of ~10^7 voxels; the synthetic volumes have
+# 32x48x48 voxels and an adrenal of 27-73 voxels, so the synthetic default asks for about half the smallest organ
+SYNTHETIC_PL_MIN_VOXELS = 20
+# The synthetic 3D set is sampled at 1.5x the default voxel size (21x32x32 voxels) so that every trainer fits the
+# CPU time budget. Per synthetic set unless --epochs / --iterations / --lr are given: (epochs, iterations per
+# epoch, initial lr of the trainers on nnU-Net's SGD). With nnU-Net's lr 0.01 the narrow CPU network predicts only
+# background for the first ~250 3D iterations; at 0.05 the liver appears after ~120 (measured, seed 0).
+SYNTHETIC_3D_VOXEL_SCALE = 1.5
+SYNTHETIC_SCHEDULES = {"3d_fullres": (4, 40, 0.05), "2d": (4, 50, None)}
 
 
 @dataclass
@@ -51,6 +71,8 @@ class RunResult:
     max_rss_mb: float = float("nan")
     cuda_max_allocated_mb: float | None = None
     error: str | None = None
+    notes: str | None = None
+    schedule: str | None = None  # "E epochs x I iterations"
 
 
 def available_trainers(names: list[str]) -> list[str]:
@@ -84,38 +106,160 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {rc} (log {log}):\n{tail}")
 
 
-def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
-                device: str, seed: int) -> RunResult:
+def is_pseudo_label_row(trainer: str) -> bool:
+    return trainer.startswith(PSEUDO_LABEL_TRAINER)
+
+
+@dataclass
+class PseudoLabelRound:
+    """How the two-stage pseudo-label row makes its dataset: the new id and the selection rule."""
+
+    new_dataset_id: int
+    min_voxels: int
+
+
+def _train(trainer: str, dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
+           device: str, tag: str, result: RunResult, extra_args: tuple[str, ...] = ()) -> None:
+    """``nnUNetv2_train`` through :mod:`nnssl.benchmark.launch`; fills the cost fields of ``result``."""
+    mem_file = out / f"{tag}_memory.json"
+    _run([sys.executable, "-m", "nnssl.benchmark.launch", str(mem_file), "nnUNetv2_train", str(dataset_id),
+          configuration, fold, "-tr", trainer, "-device", device, *extra_args], env, out / f"{tag}_train.log")
+    memory = json.loads(mem_file.read_text())
+    result.max_rss_mb = memory["max_rss_mb"]
+    result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
+    result.seconds_per_iteration = seconds_per_iteration((out / f"{tag}_train.log").read_text())
+
+
+def _predict_and_evaluate(trainer: str, model_dataset_id: int, raw: Path, configuration: str, fold: str,
+                          env: dict[str, str], out: Path, device: str, tag: str, result: RunResult,
+                          disable_tta: bool = False) -> None:
+    """Predict ``raw``'s imagesTs with the model trained on ``model_dataset_id`` and score it against labelsTs."""
+    from nnssl.evaluation.evaluate import evaluate_folders
+
+    pred = out / "predictions" / tag
+    tta = ["--disable_tta"] if disable_tta else []
+    # on a CPU, nnU-Net's sequential mode (no worker processes, which cost more than a small test set's inference)
+    workers = "0" if device == "cpu" else "1"
+    _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(model_dataset_id), "-c",
+          configuration, "-f", fold, "-tr", trainer, "-device", device, "-npp", workers, "-nps", workers, *tta], env,
+         out / f"{tag}_predict.log")
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    summary = evaluate_folders(pred, raw / "labelsTs", dataset_json["labels"],
+                               file_ending=dataset_json["file_ending"], progress=False)
+    result.dice = {n: s["dice"]["mean"] for n, s in summary["per_class"].items()}
+    result.nsd = {n: s["nsd"]["mean"] for n, s in summary["per_class"].items()}
+
+
+def _pseudo_label_stage(dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
+                        device: str, tag: str, round_: PseudoLabelRound) -> tuple[Path, str]:
+    """Stage 1 -> pseudo-labeled dataset: ``nnssl_pseudolabel`` with the baseline's model of this benchmark.
+
+    Returns the stage-1 checkpoint and a note (selected cases, their Dice against withheld labels, seconds)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    from nnssl.evaluation.evaluate import evaluate_folders
+    stage1 = (Path(env["nnUNet_results"]) / maybe_convert_to_dataset_name(dataset_id)
+              / f"{BASELINE}__nnUNetPlans__{configuration}" / f"fold_{fold}" / "checkpoint_final.pth")
+    if not stage1.is_file():
+        raise RuntimeError(f"stage 1 of the pseudo-label row is the {BASELINE} model, and {stage1} does not exist: "
+                           f"run {BASELINE} first (nnssl_benchmark puts it first in --trainers)")
+    start = time.time()
+    _run(["nnssl_pseudolabel", "-d", str(dataset_id), "-c", configuration, "-f", fold, "-tr", BASELINE,
+          "-o", str(round_.new_dataset_id), "--min-voxels", str(round_.min_voxels), "--preprocess", "--overwrite",
+          "-device", device, "-npp", "1", "-nps", "1", "--no-progress"], env, out / f"{tag}_pseudolabel.log")
+    seconds = time.time() - start
+    from nnssl.pseudolabel.dataset import REPORT_JSON
+
+    new_raw = Path(env["nnUNet_raw"]) / maybe_convert_to_dataset_name(round_.new_dataset_id)
+    report = json.loads((new_raw / REPORT_JSON).read_text())
+    # per selected case, the mean over classes of its pseudo-label Dice (None: class absent from both)
+    dice = [np.mean(values) for c in report["cases"] if c["selected"]
+            if (values := [d for d in c.get("dice_vs_withheld_label", {}).values() if d is not None])]
+    note = (f"stage 1 = the {BASELINE} row; {report['num_selected']} of {report['num_predicted']} unlabeled cases "
+            f"selected (every class >= {round_.min_voxels} voxels)")
+    if dice:
+        note += f", their mean pseudo-label Dice vs withheld labels {np.mean(dice):.3f}"
+    note += f"; pseudo-labeling + preprocessing {seconds:.0f} s; stage 2 trains the same schedule as every row"
+    return stage1, note
+
+
+def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
+                device: str, seed: int, pseudo_label_round: PseudoLabelRound | None = None,
+                disable_tta: bool = False) -> RunResult:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     dataset = maybe_convert_to_dataset_name(dataset_id)
     raw = Path(env["nnUNet_raw"]) / dataset
-    result = RunResult(trainer, dataset, seed)
+    result = RunResult(trainer, dataset, seed, schedule=schedule_text(env))
     tag = f"{dataset}_{configuration}_{trainer}_seed{seed}"
     try:
-        mem_file = out / f"{tag}_memory.json"
-        _run([sys.executable, "-m", "nnssl.benchmark.launch", str(mem_file), "nnUNetv2_train", str(dataset_id),
-              configuration, fold, "-tr", trainer, "-device", device], env, out / f"{tag}_train.log")
-        memory = json.loads(mem_file.read_text())
-        result.max_rss_mb = memory["max_rss_mb"]
-        result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
-        result.seconds_per_iteration = seconds_per_iteration((out / f"{tag}_train.log").read_text())
-        pred = out / "predictions" / tag
-        _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(dataset_id), "-c",
-              configuration, "-f", fold, "-tr", trainer, "-device", device, "-npp", "1", "-nps", "1"], env,
-             out / f"{tag}_predict.log")
-        dataset_json = json.loads((raw / "dataset.json").read_text())
-        summary = evaluate_folders(pred, raw / "labelsTs", dataset_json["labels"],
-                                   file_ending=dataset_json["file_ending"], progress=False)
-        result.dice = {n: s["dice"]["mean"] for n, s in summary["per_class"].items()}
-        result.nsd = {n: s["nsd"]["mean"] for n, s in summary["per_class"].items()}
+        if is_pseudo_label_row(trainer):
+            if pseudo_label_round is None:
+                raise ValueError(f"{trainer} needs a pseudo-label round (new dataset id, selection rule)")
+            stage1, result.notes = _pseudo_label_stage(dataset_id, configuration, fold, env, out, device, tag,
+                                                       pseudo_label_round)
+            model_dataset_id = pseudo_label_round.new_dataset_id
+            _train(trainer, model_dataset_id, configuration, fold, env, out, device, tag, result,
+                   ("-pretrained_weights", str(stage1)))
+        else:
+            model_dataset_id = dataset_id
+            _train(trainer, dataset_id, configuration, fold, env, out, device, tag, result)
+        _predict_and_evaluate(trainer, model_dataset_id, raw, configuration, fold, env, out, device, tag, result,
+                              disable_tta)
     except Exception as e:  # one failing trainer must not lose the others' rows
         result.error = str(e).splitlines()[0][:300]
         print(f"nnssl_benchmark: {trainer} on {dataset} failed: {e}", file=sys.stderr)
     return result
+
+
+def pseudo_label_dataset_id(out: Path, source_id: int, configuration: str, fold: str, env: dict[str, str],
+                            requested: int | None) -> int:
+    """The id of the pseudo-labeled dataset made from ``source_id``: ``requested``, else the one an earlier run
+    of this benchmark (same output folder) made, else the highest id in 900..999 that no dataset uses.
+
+    The dataset is replaced on every run (``--overwrite``), so an id that this benchmark did not make itself is
+    only used when the user asked for it."""
+    from nnssl.io import atomic_write_json
+
+    registry_file = out / PSEUDO_LABEL_REGISTRY
+    registry = json.loads(registry_file.read_text()) if registry_file.is_file() else {}
+    key = f"{env['nnUNet_raw']}|{source_id}|{configuration}|{fold}"
+    if requested is not None:
+        new_id = requested
+    elif key in registry:
+        new_id = registry[key]
+    else:
+        used = {int(m.group(1)) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+                if Path(env[k]).is_dir() for p in Path(env[k]).iterdir() if (m := re.match(r"Dataset(\d{3})_", p.name))}
+        used |= set(registry.values())
+        free = [i for i in range(999, 899, -1) if i not in used and i != source_id]
+        if not free:
+            raise SystemExit("nnssl_benchmark: no free dataset id in 900..999 for the pseudo-labeled dataset; "
+                             "pass --pl-dataset-id")
+        new_id = free[0]
+    if new_id == source_id:
+        raise SystemExit(f"nnssl_benchmark: --pl-dataset-id {new_id} is the source dataset")
+    registry[key] = new_id
+    atomic_write_json(registry_file, registry)
+    return new_id
+
+
+def schedule_env(epochs: int | None, iterations: int | None, val_iterations: int | None,
+                 initial_lr: float | None = None) -> dict[str, str]:
+    """The ``NNSSL_*`` schedule variables for the given values (None: the trainer's own)."""
+    from nnssl_trainers.base import ENV_INITIAL_LR, ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_VAL_ITERATIONS
+
+    values = {ENV_NUM_EPOCHS: epochs, ENV_ITERATIONS: iterations, ENV_VAL_ITERATIONS: val_iterations,
+              ENV_INITIAL_LR: initial_lr}
+    return {k: str(v) for k, v in values.items() if v is not None}
+
+
+def schedule_text(env: dict[str, str]) -> str:
+    from nnssl_trainers.base import ENV_INITIAL_LR, ENV_ITERATIONS, ENV_NUM_EPOCHS
+
+    epochs, iterations = env.get(ENV_NUM_EPOCHS, "trainer's"), env.get(ENV_ITERATIONS, "trainer's")
+    lr = f", SGD lr {env[ENV_INITIAL_LR]}" if env.get(ENV_INITIAL_LR) else ""
+    return f"{epochs} epochs x {iterations} iterations{lr}"
 
 
 def _mean(d: dict[str, float]) -> float:
@@ -136,7 +280,11 @@ def summarize(results: list[RunResult]) -> list[dict]:
         for trainer in dict.fromkeys(r.trainer for r in runs):
             mine = [r for r in runs if r.trainer == trainer]
             ok = [r for r in mine if r.error is None]
-            row: dict = {"dataset": dataset, "trainer": trainer, "seeds": len(mine), "failed": len(mine) - len(ok)}
+            row: dict = {"dataset": dataset, "trainer": trainer, "seeds": len(mine), "failed": len(mine) - len(ok),
+                         "schedule": mine[0].schedule}
+            notes = [f"seed {r.seed}: {r.notes}" if len(mine) > 1 else r.notes for r in mine if r.notes]
+            if notes:
+                row["notes"] = " | ".join(notes)
             if ok:
                 classes = list(ok[0].dice)
                 for c in classes:
@@ -169,7 +317,9 @@ def markdown_table(rows: list[dict]) -> str:
                         and k not in ("dice_mean", "dice_seed_spread")]
         head = ["trainer", *[f"Dice {c}" for c in classes], "Dice mean", "NSD mean", "gain", "seed spread",
                 "s/iter", "time ×", "peak MB (GPU if CUDA, else RSS)", "mem ×"]
-        lines += [f"### {dataset}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        schedules = sorted({r["schedule"] for r in ds_rows if r.get("schedule")})
+        title = f"### {dataset}" + (f" ({', '.join(schedules)} per trainer)" if schedules else "")
+        lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
         def f(v, fmt="{:.3f}"):
             return "n/a" if v is None or v != v else fmt.format(v)
@@ -182,6 +332,8 @@ def markdown_table(rows: list[dict]) -> str:
                      f(r["gain_vs_supervised"], "{:+.3f}"), f(r["dice_seed_spread"]), f(r["sec_per_iter"]),
                      f(r["time_rel"], "{:.2f}"), f(r["peak_mb"], "{:.0f}"), f(r["memory_rel"], "{:.2f}")]
             lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        lines += [f"- {r['trainer']}: {r['notes']}" for r in ds_rows if r.get("notes")]
         lines.append("")
     return "\n".join(lines)
 
@@ -230,12 +382,14 @@ def _synthetic_datasets(root: Path, seed: int, smoke: bool) -> list[tuple[int, s
     from nnssl.synthetic import make_synthetic_dataset
 
     made = []
-    specs = [(960 + seed * 2, "3d", "3d_fullres", 4, 16, 6), (961 + seed * 2, "2d", "2d", 6, 24, 10)]
+    # the same ids for every seed (each seed has its own nnUNet_raw), so the rows of the seeds average together
+    specs = [(960, "3d", "3d_fullres", 4, 16, 6), (961, "2d", "2d", 6, 24, 10)]
     if smoke:
-        specs = [(960 + seed * 2, "3d", "3d_fullres", 5, 3, 1)]
+        specs = [(960, "3d", "3d_fullres", 5, 3, 1)]
     for dataset_id, kind, configuration, n_l, n_u, n_t in specs:
         raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, kind, n_labeled=n_l, n_unlabeled=n_u,
-                                     n_test=n_t, seed=seed, overwrite=True)
+                                     n_test=n_t, seed=seed, overwrite=True,
+                                     voxel_scale=SYNTHETIC_3D_VOXEL_SCALE if kind == "3d" else 1.0)
         env = {**os.environ, "nnUNet_raw": str(root / "nnUNet_raw"),
                "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"), "nnUNet_n_proc_DA": "2"}
         _run(["nnssl_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "2"], env,
@@ -256,30 +410,48 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"default: {BASELINE} and every nnssl trainer")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--iterations", type=int, default=None, help="training iterations per epoch")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="initial lr of the trainers on nnU-Net's SGD (NNSSL_INITIAL_LR; default: nnU-Net's 0.01, "
+                             "the synthetic 3D set 0.05); the pseudo-label fine-tuning keeps its Adam 5e-5")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="synthetic data seeds")
     parser.add_argument("-o", "--output", default="nnssl_benchmark", help="output folder")
     parser.add_argument("-device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--smoke", action="store_true", help="seconds, not minutes: tiny data and schedule")
+    parser.add_argument("--pl-dataset-id", type=int, default=None,
+                        help="id of the pseudo-labeled dataset of the nnUNetTrainerPseudoLabelFinetune row (with -d; "
+                             "replaced on every run; default: a free id in 900..999, reused on reruns)")
+    parser.add_argument("--pl-min-voxels", type=int, default=None,
+                        help=f"nnssl_pseudolabel --min-voxels of that row (default: 2000 as FLARE22 with -d, "
+                             f"{SYNTHETIC_PL_MIN_VOXELS} on the synthetic sets)")
+    parser.add_argument("--disable-tta", action="store_true",
+                        help="predict the test set without mirroring (nnUNetv2_predict --disable_tta)")
     args = parser.parse_args(argv)
+    if args.synthetic and args.pl_dataset_id is not None:
+        parser.error("--pl-dataset-id is for -d; the synthetic sets use 962 (3D) and 963 (2D)")
 
     import torch
 
     from nnssl.cli.trainer_path import trainer_folder
+    from nnssl_trainers.base import ENV_SKIP_FINAL_VALIDATION
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    epochs = args.epochs or (1 if args.smoke else 8)
-    iterations = args.iterations or (2 if args.smoke else 40)
-    env = {**os.environ, "nnUNet_extTrainer": trainer_folder(), "NNSSL_NUM_EPOCHS": str(epochs),
-           "NNSSL_ITERATIONS_PER_EPOCH": str(iterations), "NNSSL_VAL_ITERATIONS_PER_EPOCH": "1" if args.smoke else "2",
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "nnUNet_extTrainer": trainer_folder(), "PYTHONUNBUFFERED": "1",
+           ENV_SKIP_FINAL_VALIDATION: "1"}
     if device == "cpu":
         env.setdefault("nnUNet_n_proc_DA", "0")
         env.setdefault("nnUNet_def_n_proc", "1")
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]
     trainers = args.trainers or ([BASELINE, "nnUNetTrainerMeanTeacher"] if args.smoke else [BASELINE, *SSL_TRAINERS])
     trainers = available_trainers(trainers)
+    if any(is_pseudo_label_row(t) for t in trainers) and BASELINE not in trainers:
+        print(f"nnssl_benchmark: the pseudo-label row fine-tunes the {BASELINE} model, so {BASELINE} runs too")
+    if BASELINE in trainers or any(is_pseudo_label_row(t) for t in trainers):
+        # the baseline first: every row's gain is relative to it, and it is stage 1 of the pseudo-label row
+        trainers = [BASELINE, *[t for t in trainers if t != BASELINE]]
+    min_voxels = args.pl_min_voxels if args.pl_min_voxels is not None else (
+        SYNTHETIC_PL_MIN_VOXELS if args.synthetic else 2000)
     start = time.time()
     results: list[RunResult] = []
     if args.synthetic:
@@ -289,23 +461,37 @@ def main(argv: list[str] | None = None) -> None:
                         "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
                         "nnUNet_results": str(root / "nnUNet_results")}
             for dataset_id, configuration in _synthetic_datasets(root, seed, args.smoke):
+                # the generated sets are 960 (3D) and 961 (2D): their pseudo-labeled datasets are 962 and 963
+                pl_round = PseudoLabelRound(dataset_id + 2, min_voxels)
+                epochs, iterations, lr = (1, 2, None) if args.smoke else SYNTHETIC_SCHEDULES[configuration]
+                env_run = {**env_seed, **schedule_env(args.epochs or epochs, args.iterations or iterations,
+                                                      1 if args.smoke else 2, args.lr or lr)}
                 for trainer in trainers:
                     print(f"[{time.time() - start:.0f} s] seed {seed} dataset {dataset_id} {configuration}: {trainer}")
-                    results.append(run_trainer(trainer, dataset_id, configuration, args.f, env_seed, out, device,
-                                               seed))
+                    results.append(run_trainer(trainer, dataset_id, configuration, args.f, env_run, out, device,
+                                               seed, pl_round, args.disable_tta))
                     write_outputs(results, out)
     else:
         for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
             if k not in env:
                 raise SystemExit(f"nnssl_benchmark: {k} is not set")
+        if args.smoke:
+            env.update(schedule_env(args.epochs or 1, args.iterations or 2, 1, args.lr))
+        else:  # the trainers' own schedules (nnU-Net's 1000 x 250; 40 epochs of fine-tuning) unless given
+            env.update(schedule_env(args.epochs, args.iterations, None, args.lr))
+        pl_round = None
+        if any(is_pseudo_label_row(t) for t in trainers):
+            pl_round = PseudoLabelRound(pseudo_label_dataset_id(out, args.d, args.c, args.f, env, args.pl_dataset_id),
+                                        min_voxels)
+            print(f"nnssl_benchmark: the pseudo-labeled dataset of {PSEUDO_LABEL_TRAINER} is {pl_round.new_dataset_id}")
         for trainer in trainers:
             print(f"[{time.time() - start:.0f} s] dataset {args.d} {args.c}: {trainer}")
-            results.append(run_trainer(trainer, args.d, args.c, args.f, env, out, device, 0))
+            results.append(run_trainer(trainer, args.d, args.c, args.f, env, out, device, 0, pl_round,
+                                       args.disable_tta))
             write_outputs(results, out)
     rows = write_outputs(results, out)
     print(markdown_table(rows))
-    print(f"{epochs} epochs x {iterations} iterations per trainer on {device}; {time.time() - start:.0f} s in all; "
-          f"tables in {out}")
+    print(f"on {device}: {time.time() - start:.0f} s in all; tables in {out}")
 
 
 if __name__ == "__main__":
