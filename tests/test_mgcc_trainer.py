@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -247,3 +248,21 @@ def test_two_class_softmax_consistency_equals_the_official_sigmoid_term():
 
     official = torch.stack([(foreground(main) - foreground(a)).pow(2).mean() for a in aux]).mean()
     torch.testing.assert_close(multi_decoder_consistency(main, aux), official)
+
+
+def test_consistency_ramp_keeps_the_official_ratio_to_the_schedule():
+    """Official MGCC: ramp 30 000 iterations over a 20 000-iteration schedule, so lambda ends at 7 exp(-5/9), not 7.
+    Short schedules keep that ratio; nnU-Net's 1000 x 250 schedule ramps over the official 30 000 iterations."""
+    trainer = object.__new__(nnUNetTrainerMGCC)  # only the schedule attributes are needed
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 80, 250  # the official 20 000 iterations
+    assert trainer.rampup_length() == 30000
+    trainer.global_iteration = 20000
+    assert trainer.current_consistency_weight() == pytest.approx(7 * math.exp(-5 / 9))
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 4, 50  # a CPU schedule: same shape, 300 iterations
+    assert trainer.rampup_length() == 300
+    trainer.global_iteration = 200
+    assert trainer.current_consistency_weight() == pytest.approx(7 * math.exp(-5 / 9))
+    trainer.global_iteration = 50  # early in training the main decoder is not yet pulled towards the auxiliaries
+    assert trainer.current_consistency_weight() < 0.5
+    trainer.num_epochs = 1000  # nnU-Net's default schedule
+    assert trainer.rampup_length() == 30000
