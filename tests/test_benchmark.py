@@ -8,18 +8,26 @@ import json
 import pytest
 from e2e_utils import run_cli
 
-from nnssl.benchmark.cli import BASELINE, RunResult, markdown_table, seconds_per_iteration, summarize
+from nnssl.benchmark.cli import (
+    BASELINE,
+    RunResult,
+    markdown_table,
+    predict_with_mirroring,
+    seconds_per_iteration,
+    summarize,
+)
 
 
-def _result(trainer, seed, liver, kidney, sec, mem):
+def _result(trainer, seed, liver, kidney, sec, mem, wall=60.0):
     return RunResult(trainer, "Dataset1_X", seed, dice={"liver": liver, "kidney": kidney},
-                     nsd={"liver": liver, "kidney": kidney}, seconds_per_iteration=sec, max_rss_mb=mem)
+                     nsd={"liver": liver, "kidney": kidney}, seconds_per_iteration=sec, max_rss_mb=mem,
+                     wall_seconds=wall)
 
 
 def test_summary_gain_spread_and_relative_cost():
     results = [_result(BASELINE, 0, 0.8, 0.4, 1.0, 1000), _result(BASELINE, 1, 0.6, 0.4, 1.0, 1000),
                _result("nnUNetTrainerMeanTeacher", 0, 0.9, 0.5, 1.5, 1200),
-               _result("nnUNetTrainerMeanTeacher", 1, 0.8, 0.4, 2.5, 1400)]
+               _result("nnUNetTrainerMeanTeacher", 1, 0.8, 0.4, 2.5, 1400, wall=100.0)]
     rows = {r["trainer"]: r for r in summarize(results)}
     base, mt = rows[BASELINE], rows["nnUNetTrainerMeanTeacher"]
     assert base["dice_mean"] == pytest.approx(0.55) and base["gain_vs_supervised"] == pytest.approx(0)
@@ -28,6 +36,15 @@ def test_summary_gain_spread_and_relative_cost():
     assert mt["time_rel"] == pytest.approx(2.0) and mt["memory_rel"] == pytest.approx(1.3)
     table = markdown_table(list(rows.values()))
     assert "| nnUNetTrainerMeanTeacher | 0.850 | 0.450 | 0.650 |" in table and "+0.100" in table
+    assert mt["wall_seconds"] == pytest.approx(80.0)  # mean over seeds of the whole row's seconds
+    (mt_line,) = [line for line in table.splitlines() if line.startswith("| nnUNetTrainerMeanTeacher")]
+    assert mt_line.endswith("| 80 |")
+
+
+def test_mirroring_off_only_for_the_synthetic_presets_unless_asked():
+    assert predict_with_mirroring(None, synthetic=False) is True  # nnU-Net's default on a real dataset
+    assert predict_with_mirroring(None, synthetic=True) is False
+    assert predict_with_mirroring(True, synthetic=True) is True and predict_with_mirroring(False, False) is False
 
 
 def test_failed_run_keeps_a_row():

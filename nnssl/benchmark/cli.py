@@ -3,7 +3,8 @@
 For every trainer: ``nnUNetv2_train`` (through :mod:`nnssl.benchmark.launch`, which records peak memory), then
 ``nnUNetv2_predict`` on the test set and the nnssl evaluation (Dice, NSD). Writes ``benchmark.md``,
 ``benchmark.csv``, ``benchmark.json`` and ``benchmark.png`` with per-class Dice and NSD, their means, the gain
-over the supervised baseline, seconds per training iteration and peak memory relative to the baseline.
+over the supervised baseline, seconds per training iteration and peak memory relative to the baseline, and the
+wall seconds of each row.
 
 The baseline is ``nnUNetTrainerSupervised``: nnU-Net's ``nnUNetTrainer`` unchanged except that it honours the
 ``NNSSL_*`` schedule variables, so every row trains on the same labeled cases for the same number of iterations.
@@ -17,8 +18,9 @@ Its seconds per iteration and memory are the fine-tuning stage's; the pseudo-lab
 cases and their Dice against withheld labels are in the row's notes.
 
 ``--synthetic`` generates a class-imbalanced 3D multi-organ set (few labeled, many unlabeled with withheld labels,
-a labeled test set) and a 2D ultrasound-like set, and runs every seed in ``--seeds``; ``--smoke`` shrinks
-everything to seconds (used by the test suite).
+a labeled test set) and a 2D ultrasound-like set, and runs every seed in ``--seeds`` (default: seed 0) with the CPU
+presets of ``SYNTHETIC_SCHEDULES``, predicting without mirroring; ``--smoke`` shrinks everything to seconds (used by
+the test suite).
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class RunResult:
     error: str | None = None
     notes: str | None = None
     schedule: str | None = None  # "E epochs x I iterations"
+    wall_seconds: float = float("nan")  # the whole row: pseudo-labeling stage, training, prediction, evaluation
 
 
 def available_trainers(names: list[str]) -> list[str]:
@@ -194,6 +197,7 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
     raw = Path(env["nnUNet_raw"]) / dataset
     result = RunResult(trainer, dataset, seed, schedule=schedule_text(env))
     tag = f"{dataset}_{configuration}_{trainer}_seed{seed}"
+    start = time.time()
     try:
         if is_pseudo_label_row(trainer):
             if pseudo_label_round is None:
@@ -211,6 +215,7 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
     except Exception as e:  # one failing trainer must not lose the others' rows
         result.error = str(e).splitlines()[0][:300]
         print(f"nnssl_benchmark: {trainer} on {dataset} failed: {e}", file=sys.stderr)
+    result.wall_seconds = time.time() - start
     return result
 
 
@@ -244,6 +249,15 @@ def pseudo_label_dataset_id(out: Path, source_id: int, configuration: str, fold:
     registry[key] = new_id
     atomic_write_json(registry_file, registry)
     return new_id
+
+
+def predict_with_mirroring(tta: bool | None, synthetic: bool) -> bool:
+    """Whether the test set is predicted with nnU-Net's mirroring: as asked (``--tta`` / ``--disable-tta``), else
+    nnU-Net's default (on) for a real dataset and off for the synthetic CPU presets.
+
+    Mirroring multiplies 3D inference by 8; on the CPU presets that is minutes of the time budget, the same for every
+    row, and the comparison of the trainers does not need it."""
+    return tta if tta is not None else not synthetic
 
 
 def schedule_env(epochs: int | None, iterations: int | None, val_iterations: int | None,
@@ -305,6 +319,7 @@ def summarize(results: list[RunResult]) -> list[dict]:
                 # on CUDA the GPU memory is what limits patch and batch size; on CPU the process RSS
                 row["peak_mb"] = row["cuda_max_allocated_mb"] if cuda else row["max_rss_mb"]
                 row["memory_rel"] = row["peak_mb"] / base_mem
+                row["wall_seconds"] = float(np.mean([r.wall_seconds for r in ok]))
             rows.append(row)
     return rows
 
@@ -318,7 +333,7 @@ def markdown_table(rows: list[dict]) -> str:
             classes += [k[5:] for k in r if k.startswith("dice_") and k[5:] not in classes
                         and k not in ("dice_mean", "dice_seed_spread")]
         head = ["trainer", *[f"Dice {c}" for c in classes], "Dice mean", "NSD mean", "gain", "seed spread",
-                "s/iter", "time ×", "peak MB (GPU if CUDA, else RSS)", "mem ×"]
+                "s/iter", "time ×", "peak MB (GPU if CUDA, else RSS)", "mem ×", "row wall s"]
         schedules = sorted({r["schedule"] for r in ds_rows if r.get("schedule")})
         title = f"### {dataset}" + (f" ({', '.join(schedules)} per trainer)" if schedules else "")
         lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -332,7 +347,8 @@ def markdown_table(rows: list[dict]) -> str:
                 continue
             cells = [r["trainer"], *[f(r.get(f"dice_{c}")) for c in classes], f(r["dice_mean"]), f(r["nsd_mean"]),
                      f(r["gain_vs_supervised"], "{:+.3f}"), f(r["dice_seed_spread"]), f(r["sec_per_iter"]),
-                     f(r["time_rel"], "{:.2f}"), f(r["peak_mb"], "{:.0f}"), f(r["memory_rel"], "{:.2f}")]
+                     f(r["time_rel"], "{:.2f}"), f(r["peak_mb"], "{:.0f}"), f(r["memory_rel"], "{:.2f}"),
+                     f(r.get("wall_seconds"), "{:.0f}")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         lines += [f"- {r['trainer']}: {r['notes']}" for r in ds_rows if r.get("notes")]
@@ -425,8 +441,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pl-min-voxels", type=int, default=None,
                         help=f"nnssl_pseudolabel --min-voxels of that row (default: 2000 as FLARE22 with -d, "
                              f"{SYNTHETIC_PL_MIN_VOXELS} on the synthetic sets)")
-    parser.add_argument("--disable-tta", action="store_true",
-                        help="predict the test set without mirroring (nnUNetv2_predict --disable_tta)")
+    tta = parser.add_mutually_exclusive_group()
+    tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,
+                     help="predict the test set without mirroring (nnUNetv2_predict --disable_tta; default with "
+                          "--synthetic)")
+    tta.add_argument("--tta", dest="tta", action="store_true",
+                     help="predict the test set with nnU-Net's mirroring (default with -d)")
     args = parser.parse_args(argv)
     if args.synthetic and args.pl_dataset_id is not None:
         parser.error("--pl-dataset-id is for -d; the synthetic sets use 962 (3D) and 963 (2D)")
@@ -454,6 +474,7 @@ def main(argv: list[str] | None = None) -> None:
         trainers = [BASELINE, *[t for t in trainers if t != BASELINE]]
     min_voxels = args.pl_min_voxels if args.pl_min_voxels is not None else (
         SYNTHETIC_PL_MIN_VOXELS if args.synthetic else 2000)
+    disable_tta = not predict_with_mirroring(args.tta, args.synthetic)
     start = time.time()
     results: list[RunResult] = []
     if args.synthetic:
@@ -471,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
                 for trainer in trainers:
                     print(f"[{time.time() - start:.0f} s] seed {seed} dataset {dataset_id} {configuration}: {trainer}")
                     results.append(run_trainer(trainer, dataset_id, configuration, args.f, env_run, out, device,
-                                               seed, pl_round, args.disable_tta))
+                                               seed, pl_round, disable_tta))
                     write_outputs(results, out)
     else:
         for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
@@ -489,7 +510,7 @@ def main(argv: list[str] | None = None) -> None:
         for trainer in trainers:
             print(f"[{time.time() - start:.0f} s] dataset {args.d} {args.c}: {trainer}")
             results.append(run_trainer(trainer, args.d, args.c, args.f, env, out, device, 0, pl_round,
-                                       args.disable_tta))
+                                       disable_tta))
             write_outputs(results, out)
     rows = write_outputs(results, out)
     print(markdown_table(rows))
