@@ -54,6 +54,18 @@ def test_failed_run_keeps_a_row():
     assert "| nnUNetTrainerCPS | failed |" in markdown_table(rows)
 
 
+def test_launch_splits_train_then_predict_and_refuses_other_scripts():
+    from nnssl.benchmark.launch import THEN, split_commands
+
+    train = ["nnUNetv2_train", "1", "3d_fullres", "0", "-tr", "X"]
+    predict = ["nnUNetv2_predict", "-i", "in", "-o", "out"]
+    assert split_commands([*train, THEN, *predict]) == [train, predict]
+    assert split_commands(train) == [train]
+    for bad in (["rm", "-rf"], [*train, THEN], [THEN, *predict]):
+        with pytest.raises(SystemExit, match="expected one of"):
+            split_commands(bad)
+
+
 def test_seconds_per_iteration_drops_warmup_epoch():
     log = "x train seconds/iteration: 9.0\ny train seconds/iteration: 1.0\nz train seconds/iteration: 3.0\n"
     assert seconds_per_iteration(log) == pytest.approx(2.0)

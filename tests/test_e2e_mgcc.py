@@ -103,8 +103,10 @@ def test_mgcc_2d_with_generated_unlabeled_images_interrupt_resume_predict(synthe
     assert_finite_progress(fold, LOGGED)
     agreement = np.array(ssl_progress(fold)["agreement"])
     assert np.all((agreement >= 0) & (agreement <= 1))
-    # lambda(t) = 7 sigmoid_rampup(t, L), L = int(40 % of 4 iterations) = 1: epoch means of t = 0, 1 and t = 2, 3
-    _check_restored_state(env, fold, 4, [3.5 * (1 + math.exp(-5)), 7.0])
+    # lambda(t) = 7 sigmoid_rampup(t, L), L = int(1.5 x 4 iterations) = 6 (MGCC keeps the official ramp/schedule
+    # ratio): epoch means of t = 0, 1 and t = 2, 3
+    ramp = [math.exp(-5 * (1 - t / 6) ** 2) for t in range(4)]
+    _check_restored_state(env, fold, 4, [3.5 * (ramp[0] + ramp[1]), 3.5 * (ramp[2] + ramp[3])])
 
     pred = predict(env, ds.dataset_id, "2d", TRAINER, raw / "imagesTs", tmp_path / "pred")
     assert sorted(p.name for p in pred.glob("*.png")) == sorted(p.name for p in (raw / "labelsTs").iterdir())
@@ -120,6 +122,7 @@ def test_mgcc_3d_fullres_short_run_restore_predict(synthetic3d, tmp_path):
     fold = fold_dir(env, ds.name, TRAINER, "3d_fullres", "0")
     log = ssl_progress(fold)
     assert all(len(log[k]) == 1 and np.isfinite(log[k][0]) for k in LOGGED), log
-    _check_restored_state(env, fold, 2, [3.5 * (1 + math.exp(-5))])
+    # L = int(1.5 x 2 iterations) = 3: one epoch, mean of lambda at t = 0 and t = 1
+    _check_restored_state(env, fold, 2, [3.5 * (math.exp(-5) + math.exp(-5 * (2 / 3) ** 2))])
     pred = predict(env, ds.dataset_id, "3d_fullres", TRAINER, ds.raw / "imagesTs", tmp_path / "pred")
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (ds.raw / "labelsTs").iterdir())

@@ -1,10 +1,10 @@
 """``nnssl_benchmark``: trainers side by side on one dataset, configuration, fold and schedule.
 
-For every trainer: ``nnUNetv2_train`` (through :mod:`nnssl.benchmark.launch`, which records peak memory), then
-``nnUNetv2_predict`` on the test set and the nnssl evaluation (Dice, NSD). Writes ``benchmark.md``,
-``benchmark.csv``, ``benchmark.json`` and ``benchmark.png`` with per-class Dice and NSD, their means, the gain
-over the supervised baseline, seconds per training iteration and peak memory relative to the baseline, and the
-wall seconds of each row.
+For every trainer: ``nnUNetv2_train`` and then ``nnUNetv2_predict`` on the test set (both through
+:mod:`nnssl.benchmark.launch`, in one process, which records the training's peak memory) and the nnssl evaluation
+(Dice, NSD). Writes ``benchmark.md``, ``benchmark.csv``, ``benchmark.json`` and ``benchmark.png`` with per-class
+Dice and NSD, their means, the gain over the supervised baseline, seconds per training iteration and peak memory
+relative to the baseline, and the wall seconds of each row.
 
 The baseline is ``nnUNetTrainerSupervised``: nnU-Net's ``nnUNetTrainer`` unchanged except that it honours the
 ``NNSSL_*`` schedule variables, so every row trains on the same labeled cases for the same number of iterations.
@@ -55,12 +55,14 @@ PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
 # (adrenal 8-25 voxels) a stage-1 model trained for the CPU preset never predicts the adrenal, so any positive
 # threshold selects no case (measured: 0 of 16 at 20 voxels); the synthetic preset keeps every case.
 SYNTHETIC_PL_MIN_VOXELS = 0
-# The synthetic 3D set is sampled at 1.5x the default voxel size (21x32x32 voxels) so that every trainer fits the
-# CPU time budget. Per synthetic set unless --epochs / --iterations / --lr are given: (epochs, iterations per
-# epoch, initial lr of the trainers on nnU-Net's SGD). With nnU-Net's lr 0.01 the narrow CPU network predicts only
-# background for the first ~250 3D iterations; at 0.05 the liver appears after 120-200 (measured, seed 0; when is
-# random: one baseline run was still all-background after 160).
-SYNTHETIC_3D_VOXEL_SCALE = 1.5
+# The synthetic 3D set is sampled at 1.75x the default voxel size (18x27x27 voxels, patch 18x28x28) so that every
+# trainer fits the CPU time budget: at 1.5x (21x32x32, patch 24x32x32) one seed took 24 min on 2 cores, 3D
+# training alone 11 min; 1.75x halves the seconds per iteration of the two-network trainers (CPS 0.365 -> 0.153).
+# Per synthetic set unless --epochs / --iterations / --lr are given: (epochs, iterations per epoch, initial lr of
+# the trainers on nnU-Net's SGD). With nnU-Net's lr 0.01 the narrow CPU network predicts only background for the
+# first ~250 3D iterations; at 0.05 the liver appears after 120-200 (measured, seed 0; when is random: one
+# baseline run was still all-background after 160).
+SYNTHETIC_3D_VOXEL_SCALE = 1.75
 SYNTHETIC_SCHEDULES = {"3d_fullres": (5, 40, 0.05), "2d": (4, 50, None)}
 
 
@@ -123,31 +125,36 @@ class PseudoLabelRound:
     min_voxels: int
 
 
-def _train(trainer: str, dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
-           device: str, tag: str, result: RunResult, extra_args: tuple[str, ...] = ()) -> None:
-    """``nnUNetv2_train`` through :mod:`nnssl.benchmark.launch`; fills the cost fields of ``result``."""
+def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: str, fold: str,
+                       env: dict[str, str], out: Path, device: str, tag: str, result: RunResult,
+                       disable_tta: bool = False, train_args: tuple[str, ...] = ()) -> Path:
+    """``nnUNetv2_train`` on ``dataset_id``, then ``nnUNetv2_predict`` of ``raw``'s imagesTs with that model, both
+    through :mod:`nnssl.benchmark.launch` in one process; fills the cost fields of ``result`` (training only) and
+    returns the prediction folder. The log of both is ``{tag}.log``."""
     mem_file = out / f"{tag}_memory.json"
-    _run([sys.executable, "-m", "nnssl.benchmark.launch", str(mem_file), "nnUNetv2_train", str(dataset_id),
-          configuration, fold, "-tr", trainer, "-device", device, *extra_args], env, out / f"{tag}_train.log")
-    memory = json.loads(mem_file.read_text())
-    result.max_rss_mb = memory["max_rss_mb"]
-    result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
-    result.seconds_per_iteration = seconds_per_iteration((out / f"{tag}_train.log").read_text())
-
-
-def _predict_and_evaluate(trainer: str, model_dataset_id: int, raw: Path, configuration: str, fold: str,
-                          env: dict[str, str], out: Path, device: str, tag: str, result: RunResult,
-                          disable_tta: bool = False) -> None:
-    """Predict ``raw``'s imagesTs with the model trained on ``model_dataset_id`` and score it against labelsTs."""
-    from nnssl.evaluation.evaluate import evaluate_folders
-
+    log = out / f"{tag}.log"
     pred = out / "predictions" / tag
     tta = ["--disable_tta"] if disable_tta else []
     # on a CPU, nnU-Net's sequential mode (no worker processes, which cost more than a small test set's inference)
     workers = "0" if device == "cpu" else "1"
-    _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(model_dataset_id), "-c",
-          configuration, "-f", fold, "-tr", trainer, "-device", device, "-npp", workers, "-nps", workers, *tta], env,
-         out / f"{tag}_predict.log")
+    from nnssl.benchmark.launch import THEN
+
+    _run([sys.executable, "-m", "nnssl.benchmark.launch", str(mem_file),
+          "nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", device, *train_args,
+          THEN, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(dataset_id), "-c",
+          configuration, "-f", fold, "-tr", trainer, "-device", device, "-npp", workers, "-nps", workers, *tta],
+         env, log)
+    memory = json.loads(mem_file.read_text())
+    result.max_rss_mb = memory["max_rss_mb"]
+    result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
+    result.seconds_per_iteration = seconds_per_iteration(log.read_text())
+    return pred
+
+
+def _evaluate(pred: Path, raw: Path, result: RunResult) -> None:
+    """Score the predictions against ``raw``'s labelsTs (per-class mean Dice and NSD into ``result``)."""
+    from nnssl.evaluation.evaluate import evaluate_folders
+
     dataset_json = json.loads((raw / "dataset.json").read_text())
     summary = evaluate_folders(pred, raw / "labelsTs", dataset_json["labels"],
                                file_ending=dataset_json["file_ending"], progress=False)
@@ -204,14 +211,13 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
                 raise ValueError(f"{trainer} needs a pseudo-label round (new dataset id, selection rule)")
             stage1, result.notes = _pseudo_label_stage(dataset_id, configuration, fold, env, out, device, tag,
                                                        pseudo_label_round)
-            model_dataset_id = pseudo_label_round.new_dataset_id
-            _train(trainer, model_dataset_id, configuration, fold, env, out, device, tag, result,
-                   ("-pretrained_weights", str(stage1)))
+            # stage 2 trains on the pseudo-labeled dataset and predicts the source's test set
+            pred = _train_and_predict(trainer, pseudo_label_round.new_dataset_id, raw, configuration, fold, env, out,
+                                      device, tag, result, disable_tta, ("-pretrained_weights", str(stage1)))
         else:
-            model_dataset_id = dataset_id
-            _train(trainer, dataset_id, configuration, fold, env, out, device, tag, result)
-        _predict_and_evaluate(trainer, model_dataset_id, raw, configuration, fold, env, out, device, tag, result,
-                              disable_tta)
+            pred = _train_and_predict(trainer, dataset_id, raw, configuration, fold, env, out, device, tag, result,
+                                      disable_tta)
+        _evaluate(pred, raw, result)
     except Exception as e:  # one failing trainer must not lose the others' rows
         result.error = str(e).splitlines()[0][:300]
         print(f"nnssl_benchmark: {trainer} on {dataset} failed: {e}", file=sys.stderr)
