@@ -52,8 +52,8 @@ SSL_TRAINERS = (
 PSEUDO_LABEL_TRAINER = "nnUNetTrainerPseudoLabelFinetune"
 PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
 # The FLARE22 rule (every organ >= 2000 voxels) is meant for CT volumes of ~10^7 voxels. On the synthetic 3D set
-# (adrenal 8-25 voxels) a stage-1 model trained for the CPU preset never predicts the adrenal, so any positive
-# threshold selects no case (measured: 0 of 16 at 20 voxels); the synthetic preset keeps every case.
+# (adrenal 4-12 voxels) a stage-1 model trained for the CPU preset never predicts the adrenal, so any positive
+# threshold selects no case (measured at 1.5x voxel size: 0 of 16 at 20 voxels); the synthetic preset keeps every case.
 SYNTHETIC_PL_MIN_VOXELS = 0
 # The synthetic 3D set is sampled at 1.75x the default voxel size (18x27x27 voxels, patch 18x28x28) so that every
 # trainer fits the CPU time budget: at 1.5x (21x32x32, patch 24x32x32) one seed took 24 min on 2 cores, 3D
