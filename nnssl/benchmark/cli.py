@@ -377,7 +377,8 @@ def bar_plot(rows: list[dict], path: Path) -> None:
                yerr=[r["dice_seed_spread"] / 2 for r in ds_rows], capsize=3)
         ax.set_title(dataset)
         ax.set_ylabel("mean foreground Dice")
-        ax.tick_params(axis="x", rotation=45)
+        # right-aligned and anchored, so that long trainer names end under their own bar
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
