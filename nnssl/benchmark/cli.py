@@ -56,8 +56,9 @@ PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
 # threshold selects no case (measured at 1.5x voxel size: 0 of 16 at 20 voxels); the synthetic preset keeps every case.
 SYNTHETIC_PL_MIN_VOXELS = 0
 # The synthetic 3D set is sampled at 1.75x the default voxel size (18x27x27 voxels, patch 18x28x28) so that every
-# trainer fits the CPU time budget: at 1.5x (21x32x32, patch 24x32x32) one seed took 24 min on 2 cores, 3D
-# training alone 11 min; 1.75x halves the seconds per iteration of the two-network trainers (CPS 0.365 -> 0.153).
+# trainer fits the CPU time budget: at 1.5x (21x32x32, patch 24x32x32) the 3D half of one seed took 16 min on 2
+# cores, its training iterations 11 min; 1.75x halves the seconds per iteration of the two-network trainers (CPS
+# 0.365 -> 0.153 in one run), and one seed of both sets takes about 18 min.
 # Per synthetic set unless --epochs / --iterations / --lr are given: (epochs, iterations per epoch, initial lr of
 # the trainers on nnU-Net's SGD). With nnU-Net's lr 0.01 the narrow CPU network predicts only background for the
 # first ~250 3D iterations; at 0.05 the liver appears after 120-200 (measured, seed 0; when is random: one
