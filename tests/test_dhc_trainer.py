@@ -267,8 +267,11 @@ def test_cps_weight_ramps_per_epoch_like_dhc(trainer):
 def test_train_step_logs_and_class_statistics_survive_a_checkpoint(trainer, tmp_path, monkeypatch):
     trainer.on_train_epoch_start()
     outputs = [trainer.train_step(_batch(torch.Generator().manual_seed(s))) for s in range(2)]
-    assert set(outputs[0]) == {"loss", "loss_sup_a", "loss_sup_b", "loss_cps", "cps_weight", "agreement"}
+    assert set(outputs[0]) == {"loss", "loss_sup_a", "loss_sup_b", "loss_cps", "cps_weight", "agreement",
+                               "pseudo_label_confidence", "fraction_above_threshold"}
     assert 0.0 <= outputs[0]["agreement"] <= 1.0 and trainer.global_iteration == 2
+    assert 0.0 <= outputs[0]["fraction_above_threshold"] <= 1.0
+    assert 1.0 / K <= outputs[0]["pseudo_label_confidence"] <= 1.0  # a max softmax over K classes
     trainer.on_train_epoch_end(outputs)
     assert len(trainer.class_weight_log[DISTDW_LOG]) == 1 and len(trainer.class_weight_log[DISTDW_LOG][0]) == K
 
