@@ -321,6 +321,9 @@ class _TrainStepHarness:
     train_step = nnUNetTrainerGuidedNet.train_step
     unsup_weight = nnUNetTrainerGuidedNet.unsup_weight
     _unlabeled_diagnostics = staticmethod(nnUNetTrainerGuidedNet._unlabeled_diagnostics)
+    confidence_stats = nnUNetTrainerGuidedNet.confidence_stats
+    confidence_threshold = nnUNetTrainerGuidedNet.confidence_threshold
+    label_manager = SimpleNamespace(has_regions=False)
     guidance_weight = 0.3
     unsup_weight_max = 0.1
     prototype_batch_mean = True
@@ -377,7 +380,7 @@ def test_train_step_runs_with_subsampling_unequal_batches_and_absent_classes(tra
     out = harness.train_step(batch)
     expected = {"loss", "loss_supervised", "loss_gmm_labeled", "loss_prototype", "loss_gmm_unlabeled",
                 "loss_kernel_consistency", "loss_ktcps", "unsup_weight", "agreement", "pseudo_label_confidence",
-                "kt_weight_min", "kt_weight_max"}
+                "fraction_above_threshold", "kt_weight_min", "kt_weight_max"}
     if trainer_cls is nnUNetTrainerGuidedNet_FittedGMM:
         expected |= {"gmm_relabeled_fraction", "gmm_fitted_classes"}
         assert out["gmm_fitted_classes"] == 2.0  # classes 0 and 1 seen; class 2 absent -> not rectified yet
@@ -385,6 +388,7 @@ def test_train_step_runs_with_subsampling_unequal_batches_and_absent_classes(tra
     assert set(out) == expected
     assert all(np.isfinite(float(v)) for v in out.values())
     assert 0.0 <= out["agreement"] <= 1.0 and 1 / 3 <= out["pseudo_label_confidence"] <= 1.0
+    assert 0.0 <= out["fraction_above_threshold"] <= 1.0
     assert out["unsup_weight"] == pytest.approx(0.1 * math.exp(-5))
     assert harness.global_iteration == 1
     assert all(g > 0 for g in harness.grads), "both networks must receive gradient"
