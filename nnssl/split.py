@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from nnssl.errors import NnsslError
 from nnssl.io import atomic_write_json
 
 SPLIT_FILE_NAME = "ssl_split.json"
@@ -41,8 +43,31 @@ ROLE_FOLDERS = {
 }
 
 
-class SplitError(ValueError):
+class SplitError(NnsslError, ValueError):
     """A split file that is malformed or does not match the files on disk."""
+
+
+# Case ids become file names in several folders (raw, preprocessed, predictions): letters, digits, '_', '-', '.',
+# not starting with '.' or '-' (hidden files, options), no path separators, so an id can never leave its folder.
+CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def case_id_problem(case_id: object) -> str | None:
+    """Why ``case_id`` is not a safe case id (see ``CASE_ID_PATTERN``), or None when it is."""
+    if not isinstance(case_id, str) or not case_id:
+        return "case ids must be non-empty strings"
+    if CASE_ID_PATTERN.fullmatch(case_id) is None or ".." in case_id:
+        return (f"case id {case_id!r} has characters outside [A-Za-z0-9_.-], a leading '.'/'-' or '..' "
+                "(ids are file names and must not contain path separators)")
+    return None
+
+
+def check_case_id(case_id: object, where: str) -> str:
+    """``case_id`` if it is safe, else a :class:`SplitError` naming ``where`` (a file or option)."""
+    problem = case_id_problem(case_id)
+    if problem is not None:
+        raise SplitError(f"{where}: {problem}")
+    return case_id  # type: ignore[return-value]
 
 
 @dataclass
@@ -82,6 +107,8 @@ class SSLSplit:
         for role in ROLES:
             if role in d and not (isinstance(d[role], list) and all(isinstance(i, str) for i in d[role])):
                 raise SplitError(f"{source}: '{role}' must be a list of case id strings")
+            for case_id in d.get(role, []):
+                check_case_id(case_id, f"{source} '{role}'")
         known = set(ROLES) | {"labeled_fraction", "seed", "origin"}
         return cls(
             labeled=list(d["labeled"]),

@@ -58,7 +58,7 @@ def test_mean_teacher_3d_interrupt_resume_predict_evaluate(synthetic3d, tmp_path
     pred = predict(ds.env, ds.dataset_id, "3d_fullres", TRAINER, ds.raw / "imagesTs", tmp_path / "pred")
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (ds.raw / "labelsTs").iterdir())
     proc = run_cli(["nnssl_evaluate", str(pred), str(ds.raw / "labelsTs"), "-d", str(ds.dataset_id)], ds.env)
-    assert "liver" in proc.stdout and json.loads((pred / "summary.json").read_text())["per_case"]
+    assert "liver" in proc.stdout and json.loads((pred / "nnssl_evaluation" / "summary.json").read_text())["per_case"]
 
 
 def test_mean_teacher_learns_above_chance(synthetic3d, tmp_path):
@@ -69,7 +69,7 @@ def test_mean_teacher_learns_above_chance(synthetic3d, tmp_path):
     run_cli(["nnUNetv2_train", str(ds.dataset_id), "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu"], env)
     pred = predict(env, ds.dataset_id, "3d_fullres", TRAINER, ds.raw / "imagesTs", tmp_path / "pred", fold="all")
     run_cli(["nnssl_evaluate", str(pred), str(ds.raw / "labelsTs"), "-d", str(ds.dataset_id)], ds.env)
-    summary = json.loads((pred / "summary.json").read_text())
+    summary = json.loads((pred / "nnssl_evaluation" / "summary.json").read_text())
     # a random guess with the class frequencies scores about the class's voxel fraction
     liver_fraction = np.mean([np.mean(sitk_array(f) == 1) for f in (ds.raw / "labelsTs").iterdir()])
     liver_dice = summary["per_class"]["liver"]["dice"]["mean"]

@@ -292,11 +292,11 @@ def test_cli_end_to_end_with_dataset_id(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "liver" in result.stdout and "spleen" in result.stdout and "foreground mean" in result.stdout
     assert "3/3" in result.stderr  # the tqdm progress bar
-    summary = json.loads((pred_dir / "summary.json").read_text())
+    summary = json.loads((pred_dir / "nnssl_evaluation" / "summary.json").read_text())
     assert summary["num_cases"] == 3 and summary["tolerance_mm"] == 1.0
     assert summary["per_class"]["liver"]["hd95"]["mean"] == pytest.approx(2.0 / 3)
     assert summary["per_class"]["spleen"]["dice"]["mean"] == pytest.approx(2 / 3)
-    assert len((pred_dir / "per_case.csv").read_text().splitlines()) == 1 + 6
+    assert len((pred_dir / "nnssl_evaluation" / "per_case.csv").read_text().splitlines()) == 1 + 6
     # the two worker processes give exactly what the in-process sequential path gives
     sequential = evaluate_folders(pred_dir, gt_dir, LABELS, num_processes=1, progress=False)
     assert [r["case"] for r in summary["per_case"]] == [r["case"] for r in sequential["per_case"]]
@@ -326,10 +326,15 @@ def test_cli_dataset_json_output_folder_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "case_b" in err and "no prediction" in err
     assert main([*args, "--only-predicted"]) == 0
-    assert json.loads((pred_dir / "summary.json").read_text())["references_without_prediction"] == ["case_b"]
+    written = pred_dir / "nnssl_evaluation" / "summary.json"  # the default: a new subfolder of PRED_DIR
+    assert json.loads(written.read_text())["references_without_prediction"] == ["case_b"]
+    capsys.readouterr()
+    assert main([*args, "--only-predicted"]) == 1  # existing results are never replaced silently
+    assert f"{written} already exists" in capsys.readouterr().err
+    assert main([*args, "--only-predicted", "--overwrite"]) == 0
 
     dataset_json.write_text(json.dumps({"file_ending": ".nii.gz"}))
-    assert main(args) == 1
+    assert main([*args, "--overwrite"]) == 1
     assert "'labels'" in capsys.readouterr().err
 
 

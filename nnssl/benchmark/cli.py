@@ -26,7 +26,9 @@ the test suite).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import os
 import re
@@ -37,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from nnssl.errors import InputError, report_user_errors
 
 BASELINE = "nnUNetTrainerSupervised"
 SSL_TRAINERS = (
@@ -83,18 +87,39 @@ class RunResult:
     wall_seconds: float = float("nan")  # the whole row: pseudo-labeling stage, training, prediction, evaluation
 
 
-def available_trainers(names: list[str]) -> list[str]:
-    """The names nnU-Net can resolve (via nnUNet_extTrainer); unknown ones are reported and skipped."""
+def check_trainers(names: list[str]) -> list[str]:
+    """``names`` if nnU-Net resolves every one (its own trainers and, via nnUNet_extTrainer, nnssl's); otherwise
+    an :class:`InputError` naming the unknown ones, raised before anything runs or is written."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    found = []
+    unknown = []
     for name in names:
         try:
-            recursive_find_trainer_class_by_name(name)
-            found.append(name)
+            with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search module by module
+                recursive_find_trainer_class_by_name(name)
         except RuntimeError:
-            print(f"nnssl_benchmark: trainer {name} not found, skipped", file=sys.stderr)
-    return found
+            unknown.append(name)
+    if unknown:
+        raise InputError(f"--trainers: unknown trainer(s) {', '.join(unknown)}; nnssl trainers: "
+                         f"{', '.join((BASELINE, *SSL_TRAINERS))} (variants: see the README; nnssl_doctor lists all)")
+    return list(names)
+
+
+def check_planned_dataset(dataset_id: int, configuration: str, env: dict[str, str]) -> None:
+    """The nnU-Net folders are set and dataset ``dataset_id`` is planned for ``configuration``; else an
+    :class:`InputError` that says what to run."""
+    missing = [k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not env.get(k)]
+    if missing:
+        raise InputError(f"-d {dataset_id}: the environment variable(s) {', '.join(missing)} are not set")
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    name = maybe_convert_to_dataset_name(dataset_id)  # nnU-Net's "could not find a dataset" is a user error
+    plans = Path(env["nnUNet_preprocessed"]) / name / "nnUNetPlans.json"
+    if not plans.is_file():
+        raise InputError(f"-d {dataset_id}: {plans} not found; run nnssl_plan_and_preprocess -d {dataset_id} "
+                         f"-c {configuration} first")
+    if configuration not in json.loads(plans.read_text()).get("configurations", {}):
+        raise InputError(f"-c {configuration}: not a configuration of {plans}")
 
 
 def seconds_per_iteration(log_text: str) -> float:
@@ -425,6 +450,7 @@ def _synthetic_datasets(root: Path, seed: int, smoke: bool) -> list[tuple[int, s
     return made
 
 
+@report_user_errors("nnssl_benchmark")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Benchmark nnssl trainers against supervised nnU-Net.")
     src = parser.add_mutually_exclusive_group(required=True)
@@ -465,8 +491,6 @@ def main(argv: list[str] | None = None) -> None:
     from nnssl_trainers.base import ENV_SKIP_FINAL_VALIDATION
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    out = Path(args.output).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "nnUNet_extTrainer": trainer_folder(), "PYTHONUNBUFFERED": "1",
            ENV_SKIP_FINAL_VALIDATION: "1"}
     if device == "cpu":
@@ -474,7 +498,12 @@ def main(argv: list[str] | None = None) -> None:
         env.setdefault("nnUNet_def_n_proc", "1")
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]
     trainers = args.trainers or ([BASELINE, "nnUNetTrainerMeanTeacher"] if args.smoke else [BASELINE, *SSL_TRAINERS])
-    trainers = available_trainers(trainers)
+    # every check that can fail on user input runs before the output folder is made
+    trainers = check_trainers(trainers)
+    if not args.synthetic:
+        check_planned_dataset(args.d, args.c, env)
+    out = Path(args.output).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     if any(is_pseudo_label_row(t) for t in trainers) and BASELINE not in trainers:
         print(f"nnssl_benchmark: the pseudo-label row fine-tunes the {BASELINE} model, so {BASELINE} runs too")
     if BASELINE in trainers or any(is_pseudo_label_row(t) for t in trainers):
@@ -503,9 +532,6 @@ def main(argv: list[str] | None = None) -> None:
                                                seed, pl_round, disable_tta))
                     write_outputs(results, out)
     else:
-        for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
-            if k not in env:
-                raise SystemExit(f"nnssl_benchmark: {k} is not set")
         if args.smoke:
             env.update(schedule_env(args.epochs or 1, args.iterations or 2, 1, args.lr))
         else:  # the trainers' own schedules (nnU-Net's 1000 x 250; 40 epochs of fine-tuning) unless given

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from nnssl.errors import report_user_errors
 from nnssl.pseudolabel.dataset import (
     REPORT_MD,
     RawDataset,
@@ -228,6 +229,7 @@ def next_steps(new_id: int, source_name: str, model: ModelSource, preprocessed: 
     return "next steps:\n  " + "\n  ".join(steps)
 
 
+@report_user_errors("nnssl_pseudolabel")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="nnssl_pseudolabel",
