@@ -5,11 +5,23 @@ FOLDER holds one file per image with the dataset's file ending: ``NAME_0000<endi
 channels) or, for single-channel datasets, plain ``NAME<ending>``. Case ids are ``PREFIX + NAME`` with characters
 other than letters, digits, ``-`` and ``_`` replaced by ``_``.
 
+File names and case ids, decided: a trailing ``_NNNN`` is always nnU-Net's channel suffix, also in a single-channel
+dataset, so ``syn_0000.nii.gz`` is channel 0 of case ``syn`` (exactly what nnU-Net itself would read from
+``imagesTr``), and ``scan_2019.nii.gz`` is refused as channel 2019 (rename it, e.g. ``scan-2019.nii.gz``). Nothing
+happens silently: every added file is printed with its case id (``syn_0000.nii.gz -> case syn (channel 0000)``),
+two files that give the same case and channel (``syn.nii.gz`` and ``syn_0000.nii.gz``, or ``a b.png`` and
+``a_b.png``) are an error naming both, and so is a case id that is not a safe file name
+(:func:`nnssl.split.check_case_id`), e.g. from ``--prefix ../``. Hidden files are errors naming them, except the
+operating systems' own junk (``.DS_Store``, ``._*``, ``Thumbs.db``, ``desktop.ini``), which is ignored with a printed
+note; subfolders are not searched, also with a note.
+
 Checks, all before anything in the dataset changes: every file has the dataset's file ending and every case all its
-channels; images have the dataset's dimension (2D for PNG datasets, 3D otherwise), finite positive spacing and no
-NaN; 3D spacing is within a factor of ``MAX_SPACING_RATIO`` of the labeled cases' median (catches m-vs-mm mistakes);
-no new id clashes with a case already in the dataset (any role or image folder). For 2D PNG datasets RGB(A) images
-are converted to grayscale with the same luma weights as the BUSI converter, since the dataset has one channel.
+channels; every file decodes completely (:func:`nnssl.verify.verify_image_file`: a truncated ``.nii.gz`` or PNG is
+an error naming it, not an image with zeros); images have the dataset's dimension (2D for PNG datasets, 3D
+otherwise), finite positive spacing and no NaN; 3D spacing is within a factor of ``MAX_SPACING_RATIO`` of the
+labeled cases' median (catches m-vs-mm mistakes); no new id clashes with a case already in the dataset (any role or
+image folder). For 2D PNG datasets RGB(A) images are converted to grayscale with the same luma weights as the BUSI
+converter, since the dataset has one channel.
 
 The new files are written to a staging folder inside the dataset, moved into ``imagesUnlabeled`` only after all
 were written, and ``ssl_split.json`` is then replaced atomically, so a failure leaves the dataset unchanged.
@@ -25,11 +37,13 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import SimpleITK as sitk
 
-from nnssl.split import SplitError, SSLSplit, cases_in_folder, load_split, save_split
+from nnssl.errors import report_user_errors
+from nnssl.split import SplitError, SSLSplit, case_id_problem, cases_in_folder, check_case_id, load_split, save_split
 
 from .common import (
     ROLE_FOLDERS,
@@ -46,6 +60,8 @@ from .common import (
 
 PROG = "nnssl_add_unlabeled"
 NATURAL_IMAGE_ENDINGS = (".png", ".bmp", ".tif")
+# files the operating systems leave in folders (Finder metadata, AppleDouble forks, Windows thumbnails/settings)
+OS_JUNK = re.compile(r"\.DS_Store|\._.+|Thumbs\.db|desktop\.ini", flags=re.IGNORECASE)
 MAX_SPACING_RATIO = 10.0
 
 
@@ -71,40 +87,91 @@ def _dataset_format(dataset_dir: Path) -> DatasetFormat:
     path = dataset_dir / "dataset.json"
     if not path.is_file():
         raise ConversionError(f"{path}: dataset.json not found")
-    dj = json.loads(path.read_text())
+    try:
+        dj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: invalid JSON ({e})") from e
+    missing = [k for k in ("channel_names", "labels") if not isinstance(dj, dict) or k not in dj]
+    if missing:
+        raise ConversionError(f"{path}: no {' / '.join(missing)}; is this an nnU-Net dataset.json?")
     ending = dj.get("file_ending", ".nii.gz")
     return DatasetFormat(name=dj.get("name", dataset_dir.name), channel_names=dj["channel_names"],
                          labels=dj["labels"], file_ending=ending, ndim=2 if ending in NATURAL_IMAGE_ENDINGS else 3)
 
 
-def collect_cases(folder: Path, fmt: DatasetFormat, prefix: str) -> dict[str, list[Path]]:
-    """``{case id: channel files}`` of the folder; any file that does not fit is an error naming it."""
+def check_prefix(prefix: str) -> str:
+    """``--prefix`` becomes the start of file names: the same safe characters as case ids (no '/', no leading '.')."""
+    if prefix:
+        problem = case_id_problem(prefix)
+        if problem is not None:
+            raise ConversionError(f"--prefix {prefix!r}: not allowed as the start of case ids: {problem}")
+    return prefix
+
+
+def list_folder(folder: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """The files to add; OS junk files and subfolders are skipped with a printed note, other hidden files are
+    errors (a hidden ``.x_0000.nii.gz`` is most likely meant to be added, or not at all)."""
     if not folder.is_dir():
         raise ConversionError(f"{folder}: folder not found")
-    n_channels = len(fmt.channel_names)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = []
+    for p in sorted(folder.iterdir()):
+        if OS_JUNK.fullmatch(p.name):
+            log(f"ignored: {p} (operating system file)")
+        elif p.name.startswith("."):
+            raise ConversionError(f"{p}: hidden file or folder in the folder to add; rename it (no leading '.') "
+                                  "or move it out of the folder")
+        elif p.is_dir():
+            log(f"ignored: {p}/ (subfolders are not searched)")
+        else:
+            files.append(p)
     if not files:
         raise ConversionError(f"{folder}: no files")
-    cases: dict[str, dict[int, Path]] = {}
-    for f in files:
-        if not f.name.endswith(fmt.file_ending):
-            raise ConversionError(f"{f}: file ending does not match the dataset's '{fmt.file_ending}'")
-        stem = f.name[: -len(fmt.file_ending)]
-        m = re.fullmatch(r"(.+)_(\d{4})", stem)
-        if m is None and n_channels > 1:
+    return files
+
+
+def _channel_of(f: Path, stem: str, fmt: DatasetFormat) -> tuple[str, int | None]:
+    """``(name, channel)`` of a file stem: ``NAME_NNNN`` is nnU-Net's channel naming, else channel None."""
+    n_channels = len(fmt.channel_names)
+    m = re.fullmatch(r"(.+)_(\d{4})", stem)
+    if m is None:
+        if n_channels > 1:
             raise ConversionError(f"{f}: the dataset has {n_channels} channels; name files NAME_0000{fmt.file_ending}"
                                   f" ... NAME_{n_channels - 1:04d}{fmt.file_ending}")
-        name, channel = (m.group(1), int(m.group(2))) if m else (stem, 0)
-        if channel >= n_channels:
-            raise ConversionError(f"{f}: channel {channel} but the dataset has {n_channels} channel(s)")
-        case_id = prefix + re.sub(r"[^0-9A-Za-z_-]+", "_", name).strip("_")
-        if channel in cases.setdefault(case_id, {}):
-            raise ConversionError(f"{f} and {cases[case_id][channel]} both give case '{case_id}' channel {channel}")
-        cases[case_id][channel] = f
+        return stem, None
+    channel = int(m.group(2))
+    if channel >= n_channels:
+        raise ConversionError(
+            f"{f}: the name ends in '_{m.group(2)}', nnU-Net's suffix for channel {channel}, but the dataset has "
+            f"{n_channels} channel(s) (dataset.json channel_names); name the files "
+            + (f"NAME{fmt.file_ending} or NAME_0000{fmt.file_ending}" if n_channels == 1 else
+               f"NAME_0000{fmt.file_ending} ... NAME_{n_channels - 1:04d}{fmt.file_ending}"))
+    return m.group(1), channel
+
+
+def collect_cases(folder: Path, fmt: DatasetFormat, prefix: str,
+                  log: Callable[[str], None] = print) -> dict[str, list[Path]]:
+    """``{case id: channel files}`` of the folder; any file that does not fit is an error naming it. Every file is
+    logged with the case id it becomes (see the module docstring: nnU-Net's ``_NNNN`` channel suffix)."""
+    n_channels = len(fmt.channel_names)
+    cases: dict[str, dict[int, Path]] = {}
+    mapping = []
+    for f in list_folder(folder, log):
+        if not f.name.endswith(fmt.file_ending):
+            raise ConversionError(f"{f}: file ending does not match the dataset's '{fmt.file_ending}'")
+        name, channel = _channel_of(f, f.name[: -len(fmt.file_ending)], fmt)
+        case_id = check_case_id(prefix + re.sub(r"[^0-9A-Za-z_-]+", "_", name).strip("_"), str(f))
+        if (channel or 0) in cases.setdefault(case_id, {}):
+            other = cases[case_id][channel or 0]
+            raise ConversionError(f"{f} and {other} both give case '{case_id}' channel {channel or 0} "
+                                  f"(a '_{channel or 0:04d}' suffix is nnU-Net's channel naming); rename one")
+        cases[case_id][channel or 0] = f
+        mapping.append(f"{f.name} -> case {case_id}" + (f" (channel {channel:04d})" if channel is not None else ""))
     for case_id, channels in cases.items():
         missing = sorted(set(range(n_channels)) - set(channels))
         if missing:
             raise ConversionError(f"case '{case_id}' in {folder} lacks channel(s) {missing}")
+    for line in mapping:
+        log(line)
     return {k: [v[c] for c in range(n_channels)] for k, v in sorted(cases.items())}
 
 
@@ -144,12 +211,14 @@ def _check_spacing(path: Path, reference: np.ndarray | None) -> None:
 
 
 def add_unlabeled(dataset_dir: str | os.PathLike, folder: str | os.PathLike, prefix: str = "",
-                  num_processes: int = 1, progress: bool = True) -> list[str]:
-    """Add the images of ``folder`` to ``dataset_dir`` as unlabeled cases; returns the new case ids."""
+                  num_processes: int = 1, progress: bool = True, log: Callable[[str], None] = print) -> list[str]:
+    """Add the images of ``folder`` to ``dataset_dir`` as unlabeled cases; returns the new case ids. ``log`` gets
+    one line per added file (``file -> case id``) and per ignored file."""
     dataset_dir, folder = Path(dataset_dir), Path(folder)
+    check_prefix(prefix)
     fmt = _dataset_format(dataset_dir)
     split = load_split(dataset_dir / "ssl_split.json")
-    new = collect_cases(folder, fmt, prefix)
+    new = collect_cases(folder, fmt, prefix, log)
     roles = {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test,
              "val": list(split.extra.get("val", []))}
     clash = sorted(set(new) & _existing_ids(dataset_dir, fmt, roles))
@@ -185,6 +254,7 @@ def add_unlabeled(dataset_dir: str | os.PathLike, folder: str | os.PathLike, pre
     return list(new)
 
 
+@report_user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

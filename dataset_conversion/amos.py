@@ -163,8 +163,8 @@ def convert_amos(raw_dir: str | os.PathLike, output_dir: str | os.PathLike, opti
     if modality is None:
         dhc = options.split.split == "paper" and (options.split.paper or "dhc") == "dhc"
         modality = "all" if dhc else "ct"
-    check_output_dir(output_dir, options.overwrite)
-    return convert_dataset(build_catalogue(raw_dir, modality), rules(modality), output_dir, options)
+    check_output_dir(output_dir, options.overwrite, raw_dir)
+    return convert_dataset(build_catalogue(raw_dir, modality), rules(modality), output_dir, options, raw_dir)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

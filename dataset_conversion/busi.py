@@ -148,8 +148,8 @@ def convert_busi(raw_dir: str | os.PathLike, output_dir: str | os.PathLike, opti
                  exclude_normal: bool = False) -> SSLSplit:
     """Convert a BUSI download (Kaggle or CMU-Net/MGCC layout) into ``output_dir`` as 2D PNGs."""
     options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite)
-    return convert_dataset(build_catalogue(raw_dir, exclude_normal), RULES, output_dir, options)
+    check_output_dir(output_dir, options.overwrite, raw_dir)
+    return convert_dataset(build_catalogue(raw_dir, exclude_normal), RULES, output_dir, options, raw_dir)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,10 +11,11 @@ import os
 import sys
 from pathlib import Path
 
+from nnssl.errors import report_user_errors
 from nnssl.split import SplitError
 
 from . import acdc, amos, busi, flare22, la, pancreas, synapse
-from .common import ConversionError, ConversionOptions, DatasetCommand, SplitOptions
+from .common import ConversionError, ConversionOptions, DatasetCommand, SplitOptions, check_output_dir
 
 DATASETS: dict[str, DatasetCommand] = {m.COMMAND.name: m.COMMAND for m in (flare22, amos, acdc, la, busi, synapse,
                                                                             pancreas)}
@@ -93,6 +94,8 @@ def resolve_output_dir(dataset_id: int | None, name: str, output: Path | None) -
     raw = os.environ.get("nnUNet_raw")
     if not raw:
         raise ConversionError("$nnUNet_raw is not set: export it or give -o FOLDER")
+    if Path(raw).exists() and not Path(raw).is_dir():
+        raise ConversionError(f"$nnUNet_raw={raw} is not a folder")
     folder = Path(raw) / f"Dataset{dataset_id:03d}_{name}"
     if Path(raw).is_dir():
         clash = sorted(p.name for p in Path(raw).iterdir()
@@ -123,11 +126,16 @@ def options_from_args(args: argparse.Namespace) -> ConversionOptions:
                              progress=not args.no_progress)
 
 
+@report_user_errors(PROG)
 def main(argv: list[str] | None = None) -> int:
+    """Other errors a user can cause (a read-only output location) are one-line errors too, via
+    ``report_user_errors``; bugs keep their traceback."""
     args = build_parser().parse_args(argv)
     try:
         options = options_from_args(args)
         output_dir = resolve_output_dir(args.dataset_id, args.name, args.output)
+        # before the raw data is even listed: never write into (or --overwrite) the raw input
+        check_output_dir(output_dir, options.overwrite, args.raw_dir)
         split = DATASETS[args.dataset].convert(args, output_dir, options)
     except (ConversionError, SplitError) as e:
         print(f"{PROG} {args.dataset}: error: {e}", file=sys.stderr)

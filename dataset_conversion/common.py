@@ -6,14 +6,17 @@ and a :class:`DatasetRules` (label dict, channel names, published splits). Every
 
 - :func:`walk_raw_tree` lists raw files, looking inside ``.zip`` archives too (several mirrors ship zipped halves);
 - readers (:class:`SitkFile`, :class:`PngGray`, :class:`PngMaskUnion`) turn a raw file into a SimpleITK image;
-- :func:`write_case` reads one case, checks it (dimension, image/label shape and geometry, label values) and
-  writes it; labels are never resampled: the only change allowed is an exact axis permutation/flip when the label
-  file stores the same voxel grid in another orientation;
+- :func:`write_case` reads one case, checks it (every raw file decoded completely by
+  :func:`nnssl.verify.verify_image_file`, since SimpleITK and PIL read a truncated file with zeros; dimension,
+  image/label shape and geometry, label values) and writes it; labels are never resampled: the only change allowed
+  is an exact axis permutation/flip when the label file stores the same voxel grid in another orientation;
 - :func:`assign_roles` turns the options (random fraction/count, ``--split paper``, ``--split-file``) into the
   labeled / unlabeled / test / val roles of the raw-format contract of :mod:`nnssl.split`;
 - :func:`convert_dataset` writes everything into a temporary folder (:func:`nnssl.io.atomic_output_dir`) with
   parallel workers and a progress bar, validates it with :func:`nnssl.split.validate_split_against_raw` and only
-  then moves it into place, so a failed conversion never leaves a half-written dataset.
+  then moves it into place, so a failed conversion never leaves a half-written dataset;
+- :func:`check_output_dir` runs before anything is touched: the output folder must not be, contain or lie inside the
+  raw input, and ``--overwrite`` only replaces a dataset folder nnssl wrote (dataset.json + ssl_split.json).
 
 Output roles and folders::
 
@@ -42,8 +45,10 @@ import numpy as np
 import SimpleITK as sitk
 from tqdm import tqdm
 
+from nnssl.errors import DataFileError, NnsslError
 from nnssl.io import atomic_output_dir, atomic_write_json
 from nnssl.split import SplitError, SSLSplit, choose_labeled, read_list_file, save_split, validate_split_against_raw
+from nnssl.verify import verify_image_file
 
 ROLE_FOLDERS: dict[str, tuple[str, str]] = {
     "labeled": ("imagesTr", "labelsTr"),
@@ -52,6 +57,9 @@ ROLE_FOLDERS: dict[str, tuple[str, str]] = {
     "val": ("imagesVal", "labelsVal"),
 }
 SPLITS_DIR_ENV = "NNSSL_SPLITS_DIR"
+# A folder with both files is a dataset nnssl wrote; --overwrite replaces nothing else.
+NNSSL_DATASET_MARKERS = ("dataset.json", "ssl_split.json")
+MAX_SEED = 2**32 - 1  # numpy's RandomState accepts seeds in [0, 2**32 - 1]
 _IGNORED_NAMES = {"__macosx", "desktop.ini", "thumbs.db"}
 # Geometry tolerances: NIfTI stores spacing/origin as float32, so exact equality is too strict.
 _SPACING_RTOL = 1e-4
@@ -59,7 +67,7 @@ _ORIGIN_ATOL_MM = 1e-3
 _DIRECTION_ATOL = 1e-4
 
 
-class ConversionError(Exception):
+class ConversionError(NnsslError):
     """Bad raw input or bad options; the message names the file or option and the problem."""
 
 
@@ -174,16 +182,22 @@ def match_files(refs: Sequence[FileRef], pattern: str, where: Callable[[FileRef]
     return found
 
 
-def pair_files(images: dict[str, FileRef], labels: dict[str, FileRef], what: str) -> None:
-    """Every image has its label and the reverse; the error names the files without a partner."""
+def pair_files(images: dict[str, FileRef], labels: dict[str, FileRef], what: str,
+               expected_label: Callable[[str], str] | None = None) -> None:
+    """Every image has its label and the reverse; the error names the files without a partner.
+
+    ``expected_label(key)`` describes the label file that was looked for (name and folder), so that the user knows
+    what is missing and where it should be."""
     no_label = sorted(set(images) - set(labels))
     no_image = sorted(set(labels) - set(images))
-    problems = [f"image without label: {images[k]}" for k in no_label[:10]]
+    problems = [f"image without label: {images[k]}" + (f" (no {expected_label(k)})" if expected_label else "")
+                for k in no_label[:10]]
     problems += [f"label without image: {labels[k]}" for k in no_image[:10]]
     if problems:
         extra = len(no_label) + len(no_image) - len(problems)
         more = f" (and {extra} more)" if extra > 0 else ""
-        raise ConversionError(f"{what}: unpaired files{more}:\n  " + "\n  ".join(problems))
+        sep = " " if len(problems) == 1 else "\n  "  # one problem: one line, as every other error
+        raise ConversionError(f"{what}: unpaired files{more}:{sep}" + sep.join(problems))
 
 
 # ----------------------------------------------------------------------------------------------- readers
@@ -207,9 +221,23 @@ class SitkFile:
     def read(self) -> sitk.Image:
         with self.ref.local_path() as path:
             try:
-                return sitk.ReadImage(str(path))
+                image = sitk.ReadImage(str(path))
             except RuntimeError as e:
                 raise ConversionError(f"{self.ref}: unreadable or corrupt image file ({_first_line(e)})") from e
+            verify_raw_file(self.ref, path)
+            return image
+
+
+def verify_raw_file(ref: FileRef, path: Path) -> None:
+    """Decode ``path`` (``ref`` itself, or its extracted copy) completely: SimpleITK and PIL read a truncated file
+    without an error (missing voxels become zeros). The error names the raw file, not the temporary copy."""
+    try:
+        verify_image_file(path)
+    except DataFileError as e:
+        message = str(e)
+        if message.startswith(str(path)):
+            message = str(ref) + message[len(str(path)):]
+        raise ConversionError(message) from e
 
 
 def _first_line(e: BaseException) -> str:
@@ -229,9 +257,11 @@ def _read_png(ref: FileRef) -> np.ndarray:
                 im.load()
                 if im.mode in ("I;16", "I;16B", "I"):
                     raise ConversionError(f"{ref}: 16/32-bit PNG not supported, expected 8-bit grayscale or RGB")
-                return np.asarray(im.convert("L"), dtype=np.uint8)
+                array = np.asarray(im.convert("L"), dtype=np.uint8)
         except (UnidentifiedImageError, OSError, SyntaxError) as e:
             raise ConversionError(f"{ref}: unreadable or corrupt PNG ({e})") from e
+        verify_raw_file(ref, path)  # chunk CRCs and the end of the file, which load() does not reach
+        return array
 
 
 @dataclass(frozen=True)
@@ -488,6 +518,9 @@ class SplitOptions:
             raise ConversionError(f"--labeled-fraction must be in (0, 1], got {self.labeled_fraction}")
         if self.test_fraction is not None and not 0 <= self.test_fraction < 1:
             raise ConversionError(f"--test-fraction must be in [0, 1), got {self.test_fraction}")
+        for option, seed in (("--seed", self.seed), ("--test-seed", self.test_seed)):
+            if not 0 <= seed <= MAX_SEED:
+                raise ConversionError(f"{option} must be in 0..{MAX_SEED}, got {seed}")
         if self.unlabeled_count is not None and self.unlabeled_count < 0:
             raise ConversionError(f"--unlabeled-count must be >= 0, got {self.unlabeled_count}")
         if (self.split == "file") != (self.split_file is not None):
@@ -748,24 +781,75 @@ def assign_roles(catalogue: Catalogue, rules: DatasetRules, options: SplitOption
 # ----------------------------------------------------------------------------------------------- the whole dataset
 
 
-def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
-    """Fail before any work when the output exists and ``overwrite`` is not set."""
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool, raw_dir: str | os.PathLike | None = None,
+                     ) -> Path:
+    """Fail before any work (and before anything is touched) when the output folder
+
+    - is, contains or lies inside the raw input ``raw_dir`` (symlinks resolved): ``--overwrite`` would delete the
+      download, and an output inside it would be read as raw data next time;
+    - exists and ``overwrite`` is not set, or exists and is not a dataset nnssl wrote (``NNSSL_DATASET_MARKERS``):
+      ``--overwrite`` never replaces an arbitrary folder of the user;
+    - cannot be created (a parent that is a file, a read-only location).
+    """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it")
+    if raw_dir is not None:
+        check_output_outside_raw(output_dir, raw_dir)
+    if output_dir.exists() or output_dir.is_symlink():
+        if not overwrite:
+            raise ConversionError(f"{output_dir} already exists; pass --overwrite to replace it")
+        check_replaceable(output_dir)
+    else:
+        check_creatable(output_dir)
     return output_dir
 
 
+def check_output_outside_raw(output_dir: Path, raw_dir: str | os.PathLike) -> None:
+    out, raw = output_dir.resolve(), Path(raw_dir).resolve()
+    if out == raw:
+        relation = "is the raw input folder"
+    elif raw in out.parents:
+        relation = f"lies inside the raw input folder {raw_dir}"
+    elif out in raw.parents:
+        relation = f"contains the raw input folder {raw_dir}"
+    else:
+        return
+    raise ConversionError(f"output folder {output_dir} {relation}; choose an output folder outside the raw data "
+                          "(e.g. -d ID, which writes to $nnUNet_raw)")
+
+
+def check_replaceable(output_dir: Path) -> None:
+    """``--overwrite`` replaces only a dataset folder that nnssl wrote (it has dataset.json and ssl_split.json)."""
+    missing = [m for m in NNSSL_DATASET_MARKERS if not (output_dir / m).is_file()]
+    if missing:
+        raise ConversionError(f"{output_dir} exists and is not a dataset written by nnssl (no "
+                              f"{' + '.join(missing)}); --overwrite only replaces such a folder: remove it yourself "
+                              "or choose another output folder")
+
+
+def check_creatable(output_dir: Path) -> None:
+    """The nearest existing parent of ``output_dir`` is a writable folder (checked without writing anything)."""
+    parent = output_dir.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConversionError(f"cannot create the output folder {output_dir}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot create the output folder {output_dir}: {parent} is not writable "
+                              "(read-only folder or file system?)")
+
+
 def convert_dataset(catalogue: Catalogue, rules: DatasetRules, output_dir: str | os.PathLike,
-                    options: ConversionOptions) -> SSLSplit:
+                    options: ConversionOptions, raw_dir: str | os.PathLike | None = None) -> SSLSplit:
     """Assign roles, write all cases in parallel into a temporary folder, write dataset.json and ssl_split.json,
-    validate, then move the folder to ``output_dir``. Returns the written split."""
-    output_dir = check_output_dir(output_dir, options.overwrite)
+    validate, then move the folder to ``output_dir``. Returns the written split. Temporary folders of
+    ``output_dir`` left by a killed conversion are removed first (only those: ``.NAME.partial.*``)."""
+    output_dir = check_output_dir(output_dir, options.overwrite, raw_dir)
     assignment = assign_roles(catalogue, rules, options.split)
     cases = catalogue.all_cases()
     fmt = rules.fmt
     try:
-        with atomic_output_dir(output_dir, overwrite=options.overwrite) as tmp:
+        with atomic_output_dir(output_dir, overwrite=options.overwrite, replace_only_with=NNSSL_DATASET_MARKERS,
+                               clean_stale=True) as tmp:
             tasks = [output_paths(cases[i], tmp, role, fmt, with_label=True)
                      for role in ("labeled", "unlabeled", "test", "val") for i in getattr(assignment, role)]
             run_parallel(write_case, tasks, options.num_processes, f"{fmt.name}", options.progress)

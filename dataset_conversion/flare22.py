@@ -106,8 +106,8 @@ def convert_flare22(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
                     options: ConversionOptions | None = None) -> SSLSplit:
     """Convert a FLARE22 download (any variant of LAYOUTS.md) into ``output_dir``; returns the written split."""
     options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite)
-    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options)
+    check_output_dir(output_dir, options.overwrite, raw_dir)
+    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options, raw_dir)
 
 
 def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:

@@ -156,8 +156,8 @@ def convert_la(raw_dir: str | os.PathLike, output_dir: str | os.PathLike, option
                source: str = "auto") -> SSLSplit:
     """Convert an LA download (``source``: "nrrd", "h5" or "auto" = whichever is present) into ``output_dir``."""
     options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite)
-    return convert_dataset(build_catalogue(raw_dir, source), RULES, output_dir, options)
+    check_output_dir(output_dir, options.overwrite, raw_dir)
+    return convert_dataset(build_catalogue(raw_dir, source), RULES, output_dir, options, raw_dir)
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:

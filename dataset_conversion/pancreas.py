@@ -45,6 +45,7 @@ from .common import (
     match_files,
     pair_files,
     read_published_list,
+    verify_raw_file,
     walk_raw_tree,
 )
 
@@ -56,6 +57,7 @@ FORMAT = DatasetFormat(
     description="NIH Pancreas-CT (TCIA), portal-venous CT with pancreas labels",
     reference="https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU",
 )
+LABEL_FOLDERS = ("TCIA_pancreas_labels-02-05-2017", "Pancreas-CT-Label", "label")
 # paper -> (folder, labeled list, unlabeled list, test list)
 PAPERS = {
     "sdcl": ("SDCL/pancreas", "train_lab.txt", "train_unlab.txt", "test.txt"),
@@ -78,11 +80,26 @@ class DicomSeries:
         return str(self.folder)
 
     def read(self) -> sitk.Image:
+        # GDCM leaves a truncated or corrupt slice file out of the series without an error (the volume then silently
+        # lacks a slice), so every slice is decoded on its own first, and every .dcm file must be in the series.
+        slices = sorted(p for p in self.folder.iterdir()
+                        if p.name.lower().endswith(".dcm") and not p.name.startswith("."))
+        for path in slices:
+            try:
+                verify_raw_file(FileRef(path), path)
+            except ConversionError as e:  # GDCM's own message only says that no reader fits the file
+                raise ConversionError(f"{path}: corrupt or truncated DICOM file (GDCM cannot read it; an incomplete "
+                                      "download?)") from e
         series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(self.folder))
         if len(series) != 1:
             raise ConversionError(f"{self.folder}: expected one DICOM series, found {len(series)}")
+        names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(self.folder), series[0])
+        left_out = sorted({p.name for p in slices} - {Path(n).name for n in names})
+        if left_out:
+            raise ConversionError(f"{self.folder / left_out[0]}: DICOM file is not part of the folder's series "
+                                  f"{series[0]} ({len(left_out)} such file(s)); keep one series per folder")
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(self.folder), series[0]))
+        reader.SetFileNames(names)
         try:
             return reader.Execute()
         except RuntimeError as e:
@@ -122,6 +139,17 @@ def _dicom_cases(refs: list[FileRef]) -> dict[str, DicomSeries]:
     return {case: DicomSeries(next(iter(folders))) for case, folders in series.items()}
 
 
+def _expected_label(raw_dir: str | os.PathLike, labels: dict[str, FileRef]):
+    """Describes the missing label of case ``key``: its file name and the folder where the other labels are."""
+    folders = sorted({str(r).rsplit("/", 1)[0] if r.member else str(r.path.parent) for r in labels.values()})
+    where = folders[0] if len(folders) == 1 else f"a label folder ({', '.join(LABEL_FOLDERS)}) under {raw_dir}"
+
+    def describe(key: str) -> str:
+        return f"label{key}.nii.gz in {where}"
+
+    return describe
+
+
 def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
     refs = walk_raw_tree(raw_dir)
     nifti = match_files(refs, r"PANCREAS_(\d{4})\.nii(?:\.gz)?")
@@ -136,7 +164,8 @@ def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
         raise ConversionError(f"{raw_dir}: no NIH Pancreas-CT cases found (expected "
                               "Pancreas-CT/PANCREAS_XXXX/.../*.dcm or PANCREAS_XXXX.nii.gz, and "
                               "TCIA_pancreas_labels-02-05-2017/labelXXXX.nii.gz)")
-    pair_files({k: FileRef(Path(str(v))) for k, v in images.items()}, labels, "NIH Pancreas-CT cases")
+    pair_files({k: FileRef(Path(str(v))) for k, v in images.items()}, labels, "NIH Pancreas-CT cases",
+               expected_label=_expected_label(raw_dir, labels))
     return Catalogue(labeled={f"pancreas_{k}": Case(f"pancreas_{k}", (images[k],), SitkFile(labels[k]))
                               for k in sorted(images)})
 
@@ -145,8 +174,8 @@ def convert_pancreas(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
                      options: ConversionOptions | None = None) -> SSLSplit:
     """Convert an NIH Pancreas-CT download (DICOM or NIfTI images + TCIA NIfTI labels) into ``output_dir``."""
     options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite)
-    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options)
+    check_output_dir(output_dir, options.overwrite, raw_dir)
+    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options, raw_dir)
 
 
 def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
