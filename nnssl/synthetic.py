@@ -328,7 +328,8 @@ def make_synthetic_dataset(
     }
     normal = _normal_cases_2d(labeled, unlabeled + test, seed) if kind == "2d" else set()
 
-    with atomic_output_dir(final, overwrite=overwrite) as out:
+    with atomic_output_dir(final, overwrite=overwrite,
+                           replace_only_with=("dataset.json", "ssl_split.json"), clean_stale=True) as out:
         for sub in {f for pair in folders.values() for f in pair}:
             (out / sub).mkdir()
         for case in sorted(folders):

@@ -194,7 +194,8 @@ def write_pseudo_labeled_dataset(source: RawDataset, destination: str | os.PathL
         raise SplitError(f"selected cases {unknown[:5]} are not unlabeled cases of {source.root}")
     split = new_split(source, selected, round_info)
     ending = source.file_ending
-    with atomic_output_dir(destination, overwrite=overwrite) as tmp:
+    with atomic_output_dir(destination, overwrite=overwrite,
+                           replace_only_with=("dataset.json", "ssl_split.json"), clean_stale=True) as tmp:
         for case_id in source.split.labeled:
             _copy_case(source, "imagesTr", case_id, tmp, "imagesTr")
             _copy_label(source.root / "labelsTr" / f"{case_id}{ending}", tmp, "labelsTr", case_id, ending)
