@@ -108,7 +108,9 @@ def test_unlabeled_preprocessing_resumes_and_skips_done_cases(synthetic3d):
     folder = ds.preprocessed / "nnUNetPlans_3d_fullres_unlabeled"
     cases = sorted(p.stem for p in folder.glob("*.pkl"))
     assert len(cases) == 6
-    assert {p.suffix for p in folder.iterdir() if p.is_file()} == {".b2nd", ".pkl"}
+    # the case files, plus the record of the preprocessing parameters the folder was made with
+    assert {p.suffix for p in folder.iterdir() if p.is_file()} == {".b2nd", ".pkl", ".json"}
+    assert [p.name for p in folder.glob("*.json")] == ["nnssl_preprocessing_source.json"]
     removed, truncated, untouched = cases[0], cases[1], cases[2:]
     (folder / f"{removed}.pkl").unlink()  # as if killed before the .pkl (written last) was moved in
     (folder / f"{truncated}.b2nd").write_bytes(b"truncated")  # a damaged file must not count as done

@@ -15,12 +15,22 @@ pseudo-label quality diagnostic reads it at the end of each epoch; no training c
 
 Resumable and safe to kill: a case is written into ``.partial/`` and moved into place with ``os.replace``,
 its ``.pkl`` last; a case counts as done only when its ``.pkl`` exists and its arrays open with the shape the
-``.pkl`` records. Memory is bounded by ``num_processes`` cases at a time.
+``.pkl`` records (and its withheld label, when it has one, loads completely with that shape). Memory is bounded by
+``num_processes`` cases at a time.
+
+Every image (and withheld label) of a case still to do is decoded completely and checked before anything is
+written (:mod:`nnssl.preprocessing.integrity`); a corrupt file stops the run with a message naming it.
+
+Each folder records the preprocessing parameters it was made with (``nnssl_preprocessing_source.json``: the
+configuration's spacing, normalisation, resampling, the fingerprint's intensity statistics, dataset.json's channels
+and labels). When they differ (new plans, or a new fingerprint after the labeled cases changed), nnssl rebuilds the
+folder it created; cases that ``ssl_split.json`` no longer lists as unlabeled are removed. Both print a note.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing
 import os
 import pickle
@@ -32,9 +42,19 @@ import blosc2
 import numpy as np
 from tqdm import tqdm
 
+from nnssl.errors import InputError, report_user_errors
+from nnssl.io import atomic_write_json
+from nnssl.split import SPLIT_FILE_NAME
+
+PROG = "nnssl_preprocess_unlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
 WITHHELD_SUFFIX = "_unlabeled_withheld_labels"
 SHAPE_KEY = "nnssl_preprocessed_shape"
+SOURCE_FILE = "nnssl_preprocessing_source.json"
+# what the preprocessor reads from a configuration (architecture, patch and batch size do not change the arrays)
+_PREPROCESSING_KEYS = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
+                       "use_mask_for_norm", "resampling_fn_data", "resampling_fn_data_kwargs", "resampling_fn_seg",
+                       "resampling_fn_seg_kwargs")
 
 
 def unlabeled_folder(preprocessed_dataset_dir: str | os.PathLike, data_identifier: str) -> Path:
@@ -47,7 +67,14 @@ def withheld_labels_folder(preprocessed_dataset_dir: str | os.PathLike, data_ide
     return Path(preprocessed_dataset_dir) / f"{data_identifier}{WITHHELD_SUFFIX}"
 
 
-def is_case_done(folder: Path, case: str) -> bool:
+def _withheld_folder_of(folder: Path) -> Path:
+    return folder.parent / (folder.name[:-len(UNLABELED_SUFFIX)] + WITHHELD_SUFFIX)
+
+
+def is_case_done(folder: Path, case: str, has_withheld_label: bool = False) -> bool:
+    """The case's ``.pkl`` exists, its arrays open with the shape it records and, with ``has_withheld_label``,
+    its withheld label ``.npy`` loads completely with that spatial shape."""
+    folder = Path(folder)
     pkl = folder / f"{case}.pkl"
     if not pkl.is_file():
         return False
@@ -57,7 +84,13 @@ def is_case_done(folder: Path, case: str) -> bool:
         expected = tuple(props[SHAPE_KEY])
         data = blosc2.open(str(folder / f"{case}.b2nd"), mode="r")
         seg = blosc2.open(str(folder / f"{case}_seg.b2nd"), mode="r")
-        return tuple(data.shape) == expected and tuple(seg.shape[1:]) == expected[1:]
+        if tuple(data.shape) != expected or tuple(seg.shape[1:]) != expected[1:]:
+            return False
+        if has_withheld_label:
+            label = np.load(_withheld_folder_of(folder) / f"{case}.npy")  # reads it to the last byte
+            if tuple(label.shape) != (1, *expected[1:]):
+                return False
+        return True
     except Exception:  # any unreadable or truncated file means "not done": it is simply recomputed
         return False
 
@@ -92,10 +125,11 @@ def _preprocess_one(args: tuple) -> str:
         # a separate pass with the label, so the unlabeled files above are exactly what a case without any label
         # gives; only the label map is kept, in its own folder, for the pseudo-label quality diagnostic
         _, label, _ = preprocessor.run_case(image_files, withheld_label, plans_manager, cm, dataset_json)
-        withheld = out_folder.parent / (out_folder.name[:-len(UNLABELED_SUFFIX)] + WITHHELD_SUFFIX)
+        withheld = _withheld_folder_of(out_folder)
         withheld.mkdir(exist_ok=True)
-        tmp = withheld / f".{case}.npy"
-        np.save(tmp, label.astype(np.int16, copy=False))
+        tmp = withheld / f".{case}.npy.tmp"  # not *.npy: the trainer lists *.npy
+        with open(tmp, "wb") as f:
+            np.save(f, label.astype(np.int16, copy=False))
         os.replace(tmp, withheld / f"{case}.npy")
     partial = out_folder / ".partial"
     partial.mkdir(exist_ok=True)
@@ -108,17 +142,13 @@ def _preprocess_one(args: tuple) -> str:
 
 
 def unlabeled_image_files(raw_dataset_dir: Path, cases: Sequence[str], dataset_json: dict) -> dict[str, list[str]]:
-    ending = dataset_json["file_ending"]
+    """The channel files of each case; :class:`InputError` naming the file when one is missing or a file in
+    imagesUnlabeled has a channel index the dataset does not have."""
+    from nnssl.preprocessing.integrity import check_channel_files
+
     n_channels = len(dataset_json["channel_names"])
-    files = {}
-    missing = []
-    for case in cases:
-        fs = [str(raw_dataset_dir / "imagesUnlabeled" / f"{case}_{c:04d}{ending}") for c in range(n_channels)]
-        missing += [f for f in fs if not os.path.isfile(f)]
-        files[case] = fs
-    if missing:
-        raise FileNotFoundError(f"unlabeled image files missing: {missing[:10]}")
-    return files
+    return check_channel_files(Path(raw_dataset_dir) / "imagesUnlabeled", cases, n_channels,
+                               dataset_json["file_ending"])
 
 
 def unlabeled_case_ids(raw_dataset_dir: Path, dataset_json: dict) -> list[str]:
@@ -128,6 +158,30 @@ def unlabeled_case_ids(raw_dataset_dir: Path, dataset_json: dict) -> list[str]:
     if (raw_dataset_dir / SPLIT_FILE_NAME).is_file():
         return list(load_and_validate(raw_dataset_dir).unlabeled)
     return sorted(cases_in_folder(raw_dataset_dir / "imagesUnlabeled", dataset_json["file_ending"]))
+
+
+def preprocessing_signature(plans: dict, configuration: str, dataset_json: dict) -> dict:
+    """Everything that determines the arrays of an unlabeled case (see the module docstring)."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    cm = PlansManager(plans).get_configuration(configuration).configuration
+    signature = {k: cm.get(k) for k in _PREPROCESSING_KEYS}
+    signature.update({k: plans.get(k) for k in ("transpose_forward", "foreground_intensity_properties_per_channel")})
+    signature.update({k: dataset_json.get(k) for k in ("channel_names", "labels", "file_ending")})
+    return json.loads(json.dumps(signature))  # as it reads back from the file (tuples become lists)
+
+
+def _read_signature(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / SOURCE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _remove_case(folder: Path, case: str) -> None:
+    for name in (f"{case}.pkl", f"{case}.b2nd", f"{case}_seg.b2nd"):  # .pkl first: the case stops counting as done
+        (folder / name).unlink(missing_ok=True)
+    (_withheld_folder_of(folder) / f"{case}.npy").unlink(missing_ok=True)
 
 
 def preprocess_unlabeled(
@@ -141,40 +195,65 @@ def preprocess_unlabeled(
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnssl.preprocessing.integrity import check_labeled_cases, verify_files
 
     dataset_name = maybe_convert_to_dataset_name(dataset_name_or_id)
     raw_dir = Path(nnUNet_raw.require()) / dataset_name
     pp_dir = Path(nnUNet_preprocessed.require()) / dataset_name
     plans_file = pp_dir / f"{plans_identifier}.json"
     if not plans_file.is_file():
-        raise FileNotFoundError(f"{plans_file} not found: plan the dataset first (nnssl_plan_and_preprocess -d "
-                                f"{dataset_name_or_id})")
+        raise InputError(f"{plans_file} not found: {dataset_name} was not planned with these plans; plan it first "
+                         f"(nnssl_plan_and_preprocess -d {dataset_name_or_id})")
     plans = load_json(str(plans_file))
+    if not (pp_dir / "dataset.json").is_file():
+        raise InputError(f"{pp_dir / 'dataset.json'} not found: plan the dataset first "
+                         f"(nnssl_plan_and_preprocess -d {dataset_name_or_id})")
     dataset_json = load_json(str(pp_dir / "dataset.json"))
+    unknown = [c for c in configurations if c not in plans["configurations"]]
+    if unknown:
+        raise InputError(f"configuration(s) {unknown} not in {plans_file}; available: "
+                         f"{sorted(plans['configurations'])}")
     cases = unlabeled_case_ids(raw_dir, dataset_json)
     files = unlabeled_image_files(raw_dir, cases, dataset_json)
-    outputs = {}
+    labels_dir = raw_dir / "labelsUnlabeled"
+    ending = dataset_json["file_ending"]
+
+    def withheld(case: str) -> str | None:
+        f = labels_dir / f"{case}{ending}"
+        return str(f) if f.is_file() else None
+
+    # what each configuration needs; nothing is written before every file to be read has been checked
+    work = []
     for configuration in configurations:
-        if configuration not in plans["configurations"]:
-            raise ValueError(f"configuration '{configuration}' is not in {plans_file}; available: "
-                             f"{sorted(plans['configurations'])}")
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+        signature = preprocessing_signature(plans, configuration, dataset_json)
+        out = unlabeled_folder(pp_dir, PlansManager(plans).get_configuration(configuration).data_identifier)
+        done_before = completed_cases(out)
+        rebuild = bool(done_before) and _read_signature(out) != signature
+        stale = [] if rebuild else sorted(set(done_before) - set(cases))
+        todo = list(cases) if rebuild else [c for c in cases if not is_case_done(out, c, withheld(c) is not None)]
+        work.append((configuration, out, signature, rebuild, stale, todo))
+    to_check = sorted({c for *_, todo in work for c in todo})
+    with_label = {c: (files[c], withheld(c)) for c in to_check if withheld(c) is not None}
+    check_labeled_cases(with_label, dataset_json, num_processes, what="unlabeled (withheld label)")
+    verify_files([f for c in to_check if c not in with_label for f in files[c]], num_processes)
 
-        data_identifier = PlansManager(plans).get_configuration(configuration).data_identifier
-        out = unlabeled_folder(pp_dir, data_identifier)
-        out.mkdir(parents=True, exist_ok=True)
-        todo = [c for c in cases if not is_case_done(out, c)]
-        stale = sorted(set(completed_cases(out)) - set(cases))
+    outputs = {}
+    for configuration, out, signature, rebuild, stale, todo in work:
+        if rebuild:
+            print(f"note: {out} was made with other preprocessing parameters (new plans, or a new fingerprint "
+                  f"after the labeled cases changed); rebuilding it")
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(_withheld_folder_of(out), ignore_errors=True)
         if stale:
-            raise RuntimeError(f"{out} holds cases that ssl_split.json no longer lists as unlabeled: {stale[:10]}. "
-                               f"Delete that folder and run again.")
-        labels_dir = raw_dir / "labelsUnlabeled"
-        ending = dataset_json["file_ending"]
-
-        def withheld(case: str) -> str | None:
-            f = labels_dir / f"{case}{ending}"
-            return str(f) if f.is_file() else None
-
+            print(f"note: removing {len(stale)} case(s) from {out} that {SPLIT_FILE_NAME} no longer lists as "
+                  f"unlabeled: {stale[:10]}")
+            for case in stale:
+                _remove_case(out, case)
+        out.mkdir(parents=True, exist_ok=True)
+        if _read_signature(out) != signature:
+            atomic_write_json(out / SOURCE_FILE, signature)
         jobs = [(c, files[c], withheld(c), str(out), plans, configuration, dataset_json) for c in todo]
         desc = f"Unlabeled {configuration} ({len(cases) - len(todo)}/{len(cases)} already done)"
         with tqdm(total=len(jobs), desc=desc, disable=not show_progress_bar) as bar:
@@ -191,8 +270,10 @@ def preprocess_unlabeled(
     return outputs
 
 
+@report_user_errors(PROG)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
+        prog=PROG,
         description="Preprocess imagesUnlabeled of a planned dataset with its nnU-Net plans (resumable).")
     parser.add_argument("-d", nargs="+", required=True, help="dataset id(s) or name(s)")
     parser.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (default: 3d_fullres)")
