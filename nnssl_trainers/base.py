@@ -319,11 +319,12 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
         folder = unlabeled_folder(self.preprocessed_dataset_folder_base, self.configuration_manager.data_identifier)
         cases = completed_cases(folder)
         if not cases:
-            raise RuntimeError(
-                f"No preprocessed unlabeled cases in {folder}. Run\n"
-                f"    nnssl_plan_and_preprocess -d {self.plans_manager.dataset_name} -c {self.configuration_name}\n"
-                f"(or, if nnU-Net's preprocessing is already done: nnssl_preprocess_unlabeled -d "
-                f"{self.plans_manager.dataset_name} -c {self.configuration_name})")
+            # a user error: SystemExit makes nnUNetv2_train print this line and exit 1, without a traceback
+            raise SystemExit(
+                f"No preprocessed unlabeled cases in {folder}: run nnssl_plan_and_preprocess -d "
+                f"{self.plans_manager.dataset_name} -c {self.configuration_name} (or, if nnU-Net's preprocessing is "
+                f"already done: nnssl_preprocess_unlabeled -d {self.plans_manager.dataset_name} -c "
+                f"{self.configuration_name})")
         return cases
 
     def get_unlabeled_dataloader(self):

@@ -16,7 +16,7 @@ from nnssl.io import atomic_write_json
 from nnssl.pseudolabel.dataset import is_pseudo_id
 from nnssl.pseudolabel.weighting import pseudo_label_mask, pseudo_sampling_probabilities, pseudo_weighted_loss
 from nnssl.split import SPLIT_FILE_NAME
-from nnssl_trainers.base import ScheduleFromEnvironment, unwrap
+from nnssl_trainers.base import MIN_CASES_FOR_CROSS_VALIDATION, ScheduleFromEnvironment, unwrap
 
 SEG_LAYER_KEY = ".seg_layers."  # the keys nnU-Net's load_pretrained_weights leaves out
 
@@ -152,6 +152,11 @@ class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
         keys = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
         real = [k for k in keys if not is_pseudo_id(k)]
         pseudo = [k for k in keys if is_pseudo_id(k)]
+        if len(real) < MIN_CASES_FOR_CROSS_VALIDATION:  # scikit-learn's KFold would fail with a traceback
+            raise SystemExit(
+                f"fold {self.fold}: {self.plans_manager.dataset_name} has only {len(real)} real labeled case(s) and "
+                f"the 5-fold split of the real cases needs at least {MIN_CASES_FOR_CROSS_VALIDATION}. Fine-tune fold "
+                f"'all', or write your own folds to {splits_file} ([{{\"train\": [...], \"val\": [...]}}, ...])")
         splits = generate_crossval_split(real, seed=12345, n_splits=5)
         for split in splits:
             split["train"] = list(split["train"]) + pseudo

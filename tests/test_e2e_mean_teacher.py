@@ -98,6 +98,7 @@ def test_clear_error_when_unlabeled_not_preprocessed(synthetic3d):
         assert proc.returncode != 0
         assert "No preprocessed unlabeled cases" in proc.stderr + proc.stdout
         assert "nnssl_plan_and_preprocess" in proc.stderr + proc.stdout
+        assert "Traceback (most recent call last)" not in proc.stderr + proc.stdout
     finally:
         os.replace(hidden, folder)
         shutil.rmtree(fold_dir(ds.env, ds.name, TRAINER, "2d", "1"), ignore_errors=True)
