@@ -6,6 +6,11 @@ Two kinds, both small enough that ~30 cases are written in seconds:
   HU values) with labels 1 liver, 2 spleen, 3 kidney (left+right), 4 adrenal (tiny when ``imbalanced``).
 - ``"2d"``: ultrasound-like B-mode images (grayscale PNG, 64x64, BUSI-like) with label 1 lesion: a hypoechoic
   blob with an irregular border and posterior shadowing or enhancement; ~10% of cases are normal (empty mask).
+- ``"cardiac"``: cardiac-MRI-like short-axis slices (grayscale PNG, 64x64, ACDC labels 1 RV, 2 MYO, 3 LV) from
+  three scanner-like acquisition styles (:mod:`nnssl.synthetic_cardiac`).
+
+``n_val`` cases (any kind) go to imagesVal/labelsVal and are listed under ``val`` in ssl_split.json: a validation set
+apart from the test set, for learning curves (fold 0 validates on it; see the README's Folds section).
 
 Every case is drawn from its own generator seeded by ``(seed, case index)``, so arrays are byte-identical for the
 same seed. Per-case variation (organ position, size, rotation, shape, contrast phase, noise, bias) is large
@@ -26,17 +31,20 @@ import SimpleITK as sitk
 from PIL import Image
 from scipy import ndimage
 
+from nnssl import synthetic_cardiac
 from nnssl.io import atomic_output_dir, atomic_write_json
 from nnssl.split import SSLSplit, choose_labeled, save_split, validate_split_against_raw
 
-KINDS = ("3d", "2d")
-DEFAULT_NAMES = {"3d": "Synthetic3D", "2d": "Synthetic2D"}
-FILE_ENDINGS = {"3d": ".nii.gz", "2d": ".png"}
+KINDS = ("3d", "2d", "cardiac")
+DEFAULT_NAMES = {"3d": "Synthetic3D", "2d": "Synthetic2D", "cardiac": "SyntheticCardiac"}
+FILE_ENDINGS = {"3d": ".nii.gz", "2d": ".png", "cardiac": ".png"}
+NATURAL_IMAGE_KINDS = ("2d", "cardiac")
 LABELS = {
     "3d": {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "adrenal": 4},
     "2d": {"background": 0, "lesion": 1},
+    "cardiac": dict(synthetic_cardiac.LABELS),
 }
-CHANNEL_NAMES = {"3d": {"0": "CT"}, "2d": {"0": "ultrasound"}}
+CHANNEL_NAMES = {"3d": {"0": "CT"}, "2d": {"0": "ultrasound"}, "cardiac": {"0": "cineMRI"}}
 CASE_PREFIX = "syn_"
 SHAPE_3D = (32, 48, 48)  # z, y, x
 SPACING_3D = (3.0, 1.5, 1.5)  # mm, z, y, x
@@ -272,14 +280,17 @@ def _check_no_other_dataset_with_id(raw_root: Path, dataset_id: int, folder_name
         raise FileExistsError(f"{raw_root}: dataset id {dataset_id} is already used by {others}; choose another id")
 
 
-def _assign_roles(n_labeled: int, n_unlabeled: int, n_test: int, seed: int) -> tuple[list[str], list[str], list[str]]:
-    """Role-independent numbering: ids are ``syn_0000...`` over all cases, roles drawn at random from them."""
+def _assign_roles(n_labeled: int, n_unlabeled: int, n_test: int, seed: int, n_val: int = 0,
+                  ) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Role-independent numbering: ids are ``syn_0000...`` over all cases, roles drawn at random from them. The
+    validation cases are numbered after all others, so adding them leaves the other roles' draws unchanged."""
     ids = [f"{CASE_PREFIX}{i:04d}" for i in range(n_labeled + n_unlabeled + n_test)]
     order = np.random.default_rng([seed, _GLOBAL_STREAM]).permutation(len(ids))
     test = sorted(ids[i] for i in order[:n_test])
     pool = [ids[i] for i in order[n_test:]]
     labeled, unlabeled = choose_labeled(pool, n_labeled=n_labeled, seed=seed)
-    return labeled, unlabeled, test
+    val = [f"{CASE_PREFIX}{i:04d}" for i in range(len(ids), len(ids) + n_val)]
+    return labeled, unlabeled, test, val
 
 
 def _normal_cases_2d(labeled: list[str], others: list[str], seed: int) -> set[str]:
@@ -302,6 +313,7 @@ def make_synthetic_dataset(
     name: str | None = None,
     overwrite: bool = False,
     voxel_scale: float = 1.0,
+    n_val: int = 0,
 ) -> Path:
     """Write ``raw_root/Dataset{id:03d}_{name}`` in the nnssl raw-format contract and return its path.
 
@@ -319,13 +331,17 @@ def make_synthetic_dataset(
     folder_name = f"Dataset{dataset_id:03d}_{name}"
     final = raw_root / folder_name
     _check_no_other_dataset_with_id(raw_root, dataset_id, folder_name)
-    labeled, unlabeled, test = _assign_roles(n_labeled, n_unlabeled, n_test, seed)
+    if n_val < 0:
+        raise ValueError(f"n_val must be >= 0, got {n_val}")
+    labeled, unlabeled, test, val = _assign_roles(n_labeled, n_unlabeled, n_test, seed, n_val)
     ending = FILE_ENDINGS[kind]
     folders = {
         **{c: ("imagesTr", "labelsTr") for c in labeled},
         **{c: ("imagesUnlabeled", "labelsUnlabeled") for c in unlabeled},
         **{c: ("imagesTs", "labelsTs") for c in test},
+        **{c: ("imagesVal", "labelsVal") for c in val},
     }
+    scanners: dict[str, int] = {}
     normal = _normal_cases_2d(labeled, unlabeled + test, seed) if kind == "2d" else set()
 
     with atomic_output_dir(final, overwrite=overwrite,
@@ -340,7 +356,10 @@ def make_synthetic_dataset(
                 _write_nifti(image, spacing, out / img_dir / f"{case}_0000{ending}")
                 _write_nifti(label, spacing, out / lab_dir / f"{case}{ending}")
             else:
-                image, label = _make_case_2d(rng, has_lesion=case not in normal, imbalanced=imbalanced)
+                if kind == "cardiac":
+                    image, label, scanners[case] = synthetic_cardiac.make_case(rng)
+                else:
+                    image, label = _make_case_2d(rng, has_lesion=case not in normal, imbalanced=imbalanced)
                 _write_png(image, out / img_dir / f"{case}_0000{ending}")
                 _write_png(label, out / lab_dir / f"{case}{ending}")
         dataset_json = {
@@ -354,12 +373,16 @@ def make_synthetic_dataset(
             "numUnlabeled": len(unlabeled),
             "numTest": len(test),
         }
-        if kind == "2d":
+        if kind in NATURAL_IMAGE_KINDS:
             dataset_json["overwrite_image_reader_writer"] = "NaturalImage2DIO"
         atomic_write_json(out / "dataset.json", dataset_json)
         extra = {"generator": "nnssl.synthetic", "kind": kind, "imbalanced": imbalanced, "voxel_scale": voxel_scale}
         if kind == "2d":
             extra["normal_cases"] = sorted(normal)
+        if kind == "cardiac":
+            extra["scanner_of_case"] = dict(sorted(scanners.items()))
+        if val:
+            extra["val"] = val
         split = SSLSplit(labeled, unlabeled, test, seed=seed, origin="synthetic", extra=extra)
         save_split(split, out / "ssl_split.json")
         validate_split_against_raw(split, out)
@@ -375,10 +398,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Write a synthetic nnssl raw dataset (labeled, unlabeled with withheld labels, test).",
     )
     p.add_argument("-d", "--dataset_id", type=int, required=True, help="nnU-Net dataset id (1..999)")
-    p.add_argument("--kind", choices=KINDS, default="3d", help="3d: CT-like NIfTI organs; 2d: ultrasound-like PNG")
+    p.add_argument("--kind", choices=KINDS, default="3d",
+                   help="3d: CT-like NIfTI organs; 2d: ultrasound-like PNG; cardiac: cine-MRI-like PNG (RV/MYO/LV)")
     p.add_argument("--labeled", type=int, default=6, help="number of labeled cases (default 6)")
     p.add_argument("--unlabeled", type=int, default=12, help="number of unlabeled cases (default 12)")
     p.add_argument("--test", type=int, default=4, help="number of test cases (default 4)")
+    p.add_argument("--val", type=int, default=0, help="number of validation cases (imagesVal, default 0)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balanced", action="store_true", help="no class imbalance (3D adrenal as large as a kidney)")
     p.add_argument("--voxel-scale", type=float, default=1.0,
@@ -398,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         path = make_synthetic_dataset(
             raw, args.dataset_id, kind=args.kind, n_labeled=args.labeled, n_unlabeled=args.unlabeled,
             n_test=args.test, seed=args.seed, imbalanced=not args.balanced, name=args.name, overwrite=args.overwrite,
-            voxel_scale=args.voxel_scale,
+            voxel_scale=args.voxel_scale, n_val=args.val,
         )
     except (ValueError, FileExistsError) as e:
         raise SystemExit(f"nnssl_make_synthetic: {e}") from e

@@ -226,3 +226,34 @@ def test_3d_voxel_scale_resamples_the_same_anatomy(tmp_path):
     assert load_split(coarse / "ssl_split.json").extra["voxel_scale"] == 1.5
     with pytest.raises(ValueError, match="voxel_scale"):
         make_synthetic_dataset(tmp_path / "bad", 506, kind="2d", voxel_scale=2.0, **SMALL)
+
+
+def test_cardiac_kind_acdc_labels_scanners_and_a_validation_set(tmp_path):
+    ds = make_synthetic_dataset(tmp_path, 510, kind="cardiac", n_labeled=3, n_unlabeled=9, n_test=4, n_val=3, seed=2)
+    split = load_and_validate(ds)
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+    assert dataset_json["overwrite_image_reader_writer"] == "NaturalImage2DIO"
+    val = split.extra["val"]
+    assert len(val) == 3 and not set(val) & set(split.labeled + split.unlabeled + split.test)
+    assert sorted(p.name for p in (ds / "labelsVal").iterdir()) == sorted(f"{c}.png" for c in val)
+    scanners = split.extra["scanner_of_case"]
+    assert set(scanners) == set(split.labeled + split.unlabeled + split.test + val)
+    assert len(set(scanners.values())) > 1  # several acquisition styles in 19 cases
+    for case in split.test:
+        seg = NaturalImage2DIO().read_seg(str(ds / "labelsTs" / f"{case}.png"))[0][0, 0]
+        image = NaturalImage2DIO().read_images([str(ds / "imagesTs" / f"{case}_0000.png")])[0][0, 0]
+        counts = [(seg == c).sum() for c in range(4)]
+        assert all(n > 0 for n in counts), counts  # every structure in every slice
+        assert counts[2] < counts[0]  # the myocardium is a thin ring
+        # bright blood pool in a darker myocardial ring, whatever the scanner
+        assert image[seg == 3].mean() > image[seg == 2].mean()
+
+
+def test_validation_cases_leave_the_other_roles_unchanged(tmp_path):
+    plain = load_split(make_synthetic_dataset(tmp_path / "a", 511, kind="cardiac", seed=4, **SMALL) / "ssl_split.json")
+    with_val = load_split(make_synthetic_dataset(tmp_path / "b", 511, kind="cardiac", seed=4, n_val=2, **SMALL)
+                          / "ssl_split.json")
+    assert (plain.labeled, plain.unlabeled, plain.test) == (with_val.labeled, with_val.unlabeled, with_val.test)
+    with pytest.raises(ValueError, match="n_val"):
+        make_synthetic_dataset(tmp_path / "c", 512, kind="cardiac", n_val=-1, **SMALL)
