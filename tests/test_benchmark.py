@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 from e2e_utils import run_cli
 
@@ -76,23 +77,33 @@ def test_seconds_per_iteration_drops_warmup_epoch():
 def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     """--smoke through the real CLIs, with the two-stage pseudo-label row: the baseline is put first (it is stage 1),
     nnssl_pseudolabel writes a free dataset id (every unlabeled case kept with --pl-min-voxels 0), the fine-tuned
-    model predicts the source's test set."""
-    from nnssl.benchmark.cli import PSEUDO_LABEL_REGISTRY, PSEUDO_LABEL_TRAINER
+    model predicts the source's test set. The fully supervised reference (the dataset has withheld labels) comes
+    second, on its own free id with the source's plans; gap closed is in the tables; a rerun with the same -o reuses
+    every finished row and trains nothing."""
+    from nnssl.benchmark.cli import (
+        FULL_REFERENCE,
+        FULL_REFERENCE_REGISTRY,
+        PSEUDO_LABEL_REGISTRY,
+        PSEUDO_LABEL_TRAINER,
+    )
     from nnssl.pseudolabel.dataset import REPORT_JSON
 
     ds = synthetic3d
     out = tmp_path / "bench"
     env = {**ds.env, "nnUNet_results": str(tmp_path / "results")}
-    proc = run_cli(["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "3d_fullres", "-f", "0", "--smoke",
-                    "-device", "cpu", "-o", str(out), "--trainers", "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER,
-                    "--pl-min-voxels", "0"], env)
+    command = ["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "3d_fullres", "-f", "0", "--smoke", "-device",
+               "cpu", "-o", str(out), "--trainers", "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER,
+               "--pl-min-voxels", "0"]
+    proc = run_cli(command, env)
     data = json.loads((out / "benchmark.json").read_text())
-    assert [r["trainer"] for r in data["rows"]] == [BASELINE, "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER]
+    trainers = [BASELINE, FULL_REFERENCE, "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER]
+    assert [r["trainer"] for r in data["rows"]] == trainers
     for run in data["runs"]:
         assert run["error"] is None, run
         assert set(run["dice"]) == {"liver", "spleen", "kidney", "adrenal"}
         assert run["seconds_per_iteration"] > 0 and run["max_rss_mb"] > 100
         assert run["dataset"] == ds.name  # the pseudo-label row is scored in the source dataset's table
+        assert len(run["per_case_dice"]) == 2  # both test cases, for the paired test
 
     registry = json.loads((out / PSEUDO_LABEL_REGISTRY).read_text())
     (new_id,) = registry.values()
@@ -102,7 +113,7 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     n_unlabeled = len(list((ds.raw / "imagesUnlabeled").glob("*.nii.gz")))
     assert report["num_selected"] == report["num_predicted"] == n_unlabeled
     assert len(list((new_raw / "labelsTr").glob("pl_*.nii.gz"))) == n_unlabeled
-    pl_run = data["runs"][2]
+    pl_run = data["runs"][3]
     assert f"{n_unlabeled} of {n_unlabeled} unlabeled cases selected" in pl_run["notes"]
     finetuned = (tmp_path / "results" / new_raw.name / f"{PSEUDO_LABEL_TRAINER}__nnUNetPlans__3d_fullres" / "fold_0")
     assert (finetuned / "checkpoint_final.pth").is_file()
@@ -110,9 +121,35 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     log = "".join(p.read_text() for p in finetuned.glob("training_log_*.txt"))
     assert "segmentation heads" in log and "now equals the source model" in log
 
+    # the fully supervised reference: its own dataset (labeled + unlabeled with withheld labels), the source's plans
+    (full_id,) = json.loads((out / FULL_REFERENCE_REGISTRY).read_text()).values()
+    assert 900 <= full_id <= 999 and full_id not in (ds.dataset_id, new_id)
+    (full_raw,) = (ds.raw.parent).glob(f"Dataset{full_id}_*")
+    assert len(list((full_raw / "labelsTr").iterdir())) == len(list((ds.raw / "labelsTr").iterdir())) + n_unlabeled
+    full_plans = ds.preprocessed.parent / full_raw.name / "nnUNetPlans.json"
+    source_cfg = json.loads((ds.preprocessed / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
+    full_cfg = json.loads(full_plans.read_text())["configurations"]["3d_fullres"]
+    for key in ("patch_size", "architecture", "normalization_schemes", "spacing"):
+        assert full_cfg[key] == source_cfg[key], key
+    full_run = data["runs"][1]
+    assert full_run["trainer"] == FULL_REFERENCE and np.isfinite(np.mean(list(full_run["dice"].values())))
+    assert f"{n_unlabeled} unlabeled cases with their withheld labels" in full_run["notes"]
+
     with open(out / "benchmark.csv") as f:
-        assert len(list(csv.DictReader(f))) == 3
-    assert (out / "benchmark.png").stat().st_size > 0
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == 4 and {"gap_closed", "gap_closed_ci_low", "wilcoxon_p"} <= set(csv_rows[0])
+    assert (out / "benchmark.png").stat().st_size > 0 and (out / "benchmark_gap.png").stat().st_size > 0
     table = (out / "benchmark.md").read_text()
     assert "Dice mean" in table and f"- {PSEUDO_LABEL_TRAINER}: stage 1 = the {BASELINE} row" in table
+    assert "gap closed [95 % CI]" in table and "Wilcoxon signed-rank" in table
     assert "nnUNetTrainerMeanTeacher" in proc.stdout
+    assert len(list((out / "rows").glob("*.json"))) == 4
+
+    # the same command again: every row is reused, nothing is trained
+    checkpoint = finetuned / "checkpoint_final.pth"
+    mtime = checkpoint.stat().st_mtime
+    again = run_cli(command, env)
+    assert again.stdout.count("reusing finished row") == 4, again.stdout
+    assert checkpoint.stat().st_mtime == mtime
+    rerun = json.loads((out / "benchmark.json").read_text())
+    assert [r["trainer"] for r in rerun["rows"]] == trainers and json.dumps(rerun["runs"]) == json.dumps(data["runs"])

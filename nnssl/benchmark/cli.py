@@ -2,9 +2,9 @@
 
 For every trainer: ``nnUNetv2_train`` and then ``nnUNetv2_predict`` on the test set (both through
 :mod:`nnssl.benchmark.launch`, in one process, which records the training's peak memory) and the nnssl evaluation
-(Dice, NSD). Writes ``benchmark.md``, ``benchmark.csv``, ``benchmark.json`` and ``benchmark.png`` with per-class
-Dice and NSD, their means, the gain over the supervised baseline, seconds per training iteration and peak memory
-relative to the baseline, and the wall seconds of each row.
+(Dice, NSD). Writes ``benchmark.md``, ``benchmark.csv``, ``benchmark.json``, ``benchmark.png`` and
+``benchmark_gap.png`` with per-class Dice and NSD, their means, the gain over the supervised baseline, the gap closed,
+seconds per training iteration and peak memory relative to the baseline, and the wall seconds of each row.
 
 The baseline is ``nnUNetTrainerSupervised``: nnU-Net's ``nnUNetTrainer`` unchanged except that it honours the
 ``NNSSL_*`` schedule variables, so every row trains on the same labeled cases for the same number of iterations.
@@ -16,6 +16,20 @@ made, recorded in ``pseudolabel_datasets.json``); ``nnUNetv2_train`` fine-tunes 
 the same schedule as every other row (so stage 1 + 2 train twice as many iterations); the test set is the source's.
 Its seconds per iteration and memory are the fine-tuning stage's; the pseudo-labeling time, the number of selected
 cases and their Dice against withheld labels are in the row's notes.
+
+``FullySupervised`` is the fully supervised reference: when the raw dataset has withheld labels (``labelsUnlabeled``
+for every unlabeled case of ``ssl_split.json``), ``nnssl.benchmark.full_reference`` writes a dataset of the labeled
+and the unlabeled cases with their true labels (a free id in 900..999 recorded in ``full_reference_datasets.json``;
+964 / 965 for the synthetic sets), plans it with the source's plans (same network, patch and normalisation) and the
+baseline trains on it with the same schedule and predicts the source's test set. Only that dataset reads the
+withheld labels. Without them the row is skipped and the table says why (``--no-full-reference`` skips it anyway).
+With both references every row gets its gap closed, ``(Dice - Dice labeled-only) / (Dice full - Dice labeled-only)``
+per seed, as a mean with a 95 % t-interval over seeds, and a Wilcoxon signed-rank test of its per-case Dice against
+labeled-only (:mod:`nnssl.benchmark.gap`); ``benchmark_gap.png`` plots it.
+
+Every finished row (dataset x trainer x seed) is saved under ``rows/`` with a key of its data, ``NNSSL_*`` schedule
+and options (:mod:`nnssl.benchmark.resume`): a rerun with the same output folder reuses those rows and computes only
+the missing or failed ones, so a killed run loses at most the row it was running.
 
 ``--synthetic`` generates a class-imbalanced 3D multi-organ set (few labeled, many unlabeled with withheld labels,
 a labeled test set) and a 2D ultrasound-like set, and runs every seed in ``--seeds`` (default: seed 0) with the CPU
@@ -40,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnssl.benchmark.full_reference import missing_withheld_labels
 from nnssl.errors import InputError, report_user_errors
 
 BASELINE = "nnUNetTrainerSupervised"
@@ -55,6 +70,11 @@ SSL_TRAINERS = (
 )
 PSEUDO_LABEL_TRAINER = "nnUNetTrainerPseudoLabelFinetune"
 PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
+# the fully supervised reference: BASELINE trained on the labeled + unlabeled cases with their withheld labels
+FULL_REFERENCE = "FullySupervised"
+FULL_REFERENCE_REGISTRY = "full_reference_datasets.json"
+# synthetic sets 960 (3D) / 961 (2D): pseudo-labeled datasets at +2 (962/963), fully labeled ones at +4 (964/965)
+SYNTHETIC_PL_OFFSET, SYNTHETIC_FULL_OFFSET = 2, 4
 # The FLARE22 rule (every organ >= 2000 voxels) is meant for CT volumes of ~10^7 voxels. On the synthetic 3D set
 # (adrenal 4-12 voxels) a stage-1 model trained for the CPU preset never predicts the adrenal, so any positive
 # threshold selects no case (measured at 1.5x voxel size: 0 of 16 at 20 voxels); the synthetic preset keeps every case.
@@ -85,6 +105,8 @@ class RunResult:
     notes: str | None = None
     schedule: str | None = None  # "E epochs x I iterations"
     wall_seconds: float = float("nan")  # the whole row: pseudo-labeling stage, training, prediction, evaluation
+    per_case_dice: dict[str, dict[str, float]] = field(default_factory=dict)  # test case -> class -> Dice
+    skipped: str | None = None  # why the row was not run (the full reference without withheld labels)
 
 
 def check_trainers(names: list[str]) -> list[str]:
@@ -186,6 +208,9 @@ def _evaluate(pred: Path, raw: Path, result: RunResult) -> None:
                                file_ending=dataset_json["file_ending"], progress=False)
     result.dice = {n: s["dice"]["mean"] for n, s in summary["per_class"].items()}
     result.nsd = {n: s["nsd"]["mean"] for n, s in summary["per_class"].items()}
+    # kept for the paired test against labeled-only (pairs = seeds x test cases)
+    result.per_case_dice = {c["case"]: {n: float(m["dice"]) for n, m in c["metrics"].items()}
+                            for c in summary["per_case"]}
 
 
 def _pseudo_label_stage(dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
@@ -220,9 +245,29 @@ def _pseudo_label_stage(dataset_id: int, configuration: str, fold: str, env: dic
     return stage1, note
 
 
+def _full_reference_stage(dataset_id: int, full_id: int, configuration: str, fold: str, env: dict[str, str],
+                          out: Path, tag: str) -> str:
+    """The fully labeled dataset ``full_id`` of ``dataset_id``, written, planned with the source's plans and
+    preprocessed (:mod:`nnssl.benchmark.full_reference`, in a subprocess with this run's nnU-Net paths); returns
+    the row's note."""
+    start = time.time()
+    log = out / f"{tag}_dataset.log"
+    _run([sys.executable, "-m", "nnssl.benchmark.full_reference", "-s", str(dataset_id), "-t", str(full_id),
+          "-c", configuration], env, log)
+    made = json.loads(log.read_text().strip().splitlines()[-1])
+    # fold "all" trains on every case; a numbered fold should be the source's fold plus the formerly unlabeled cases
+    folds = "" if fold == "all" or made["folds_from_source"] else \
+        "; nnU-Net's own folds (the source had no splits_final.json)"
+    return (f"{BASELINE} on {made['dataset']}: {made['labeled']} labeled + {made['withheld_labels_used']} unlabeled "
+            f"cases with their withheld labels, the source's plans, the same schedule and test set{folds}; dataset "
+            f"+ preprocessing {time.time() - start:.0f} s")
+
+
 def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
                 device: str, seed: int, pseudo_label_round: PseudoLabelRound | None = None,
-                disable_tta: bool = False) -> RunResult:
+                disable_tta: bool = False, full_reference_id: int | None = None) -> RunResult:
+    """One row: ``trainer`` on ``dataset_id`` (or, for :data:`FULL_REFERENCE`, :data:`BASELINE` on the fully
+    labeled dataset ``full_reference_id``), scored on ``dataset_id``'s test set."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
@@ -232,7 +277,14 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
     tag = f"{dataset}_{configuration}_{trainer}_seed{seed}"
     start = time.time()
     try:
-        if is_pseudo_label_row(trainer):
+        if trainer == FULL_REFERENCE:
+            if full_reference_id is None:
+                raise ValueError(f"{FULL_REFERENCE} needs the id of its fully labeled dataset")
+            result.notes = _full_reference_stage(dataset_id, full_reference_id, configuration, fold, env, out,
+                                                 tag)
+            pred = _train_and_predict(BASELINE, full_reference_id, raw, configuration, fold, env, out, device, tag,
+                                      result, disable_tta)
+        elif is_pseudo_label_row(trainer):
             if pseudo_label_round is None:
                 raise ValueError(f"{trainer} needs a pseudo-label round (new dataset id, selection rule)")
             stage1, result.notes = _pseudo_label_stage(dataset_id, configuration, fold, env, out, device, tag,
@@ -258,9 +310,27 @@ def pseudo_label_dataset_id(out: Path, source_id: int, configuration: str, fold:
 
     The dataset is replaced on every run (``--overwrite``), so an id that this benchmark did not make itself is
     only used when the user asked for it."""
+    return derived_dataset_id(out, PSEUDO_LABEL_REGISTRY, source_id, configuration, fold, env, requested,
+                              "the pseudo-labeled dataset", "--pl-dataset-id")
+
+
+def _registered_ids(out: Path) -> set[int]:
+    """Ids this output folder's registries hold (datasets it will make, maybe not on disk yet)."""
+    ids: set[int] = set()
+    for name in (PSEUDO_LABEL_REGISTRY, FULL_REFERENCE_REGISTRY):
+        if (out / name).is_file():
+            ids |= {int(v) for v in json.loads((out / name).read_text()).values()}
+    return ids
+
+
+def derived_dataset_id(out: Path, registry_name: str, source_id: int, configuration: str, fold: str,
+                       env: dict[str, str], requested: int | None, what: str, option: str) -> int:
+    """The id of a dataset this benchmark derives from ``source_id`` (``what``), kept in ``out/registry_name``:
+    ``requested``, else the registered one, else the highest id in 900..999 that no dataset and no registry of
+    ``out`` uses (so the pseudo-labeled and the fully labeled dataset never share one)."""
     from nnssl.io import atomic_write_json
 
-    registry_file = out / PSEUDO_LABEL_REGISTRY
+    registry_file = out / registry_name
     registry = json.loads(registry_file.read_text()) if registry_file.is_file() else {}
     key = f"{env['nnUNet_raw']}|{source_id}|{configuration}|{fold}"
     if requested is not None:
@@ -270,14 +340,13 @@ def pseudo_label_dataset_id(out: Path, source_id: int, configuration: str, fold:
     else:
         used = {int(m.group(1)) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
                 if Path(env[k]).is_dir() for p in Path(env[k]).iterdir() if (m := re.match(r"Dataset(\d{3})_", p.name))}
-        used |= set(registry.values())
+        used |= set(registry.values()) | _registered_ids(out)
         free = [i for i in range(999, 899, -1) if i not in used and i != source_id]
         if not free:
-            raise SystemExit("nnssl_benchmark: no free dataset id in 900..999 for the pseudo-labeled dataset; "
-                             "pass --pl-dataset-id")
+            raise SystemExit(f"nnssl_benchmark: no free dataset id in 900..999 for {what}; pass {option}")
         new_id = free[0]
     if new_id == source_id:
-        raise SystemExit(f"nnssl_benchmark: --pl-dataset-id {new_id} is the source dataset")
+        raise SystemExit(f"nnssl_benchmark: {option} {new_id} is the source dataset")
     registry[key] = new_id
     atomic_write_json(registry_file, registry)
     return new_id
@@ -315,21 +384,66 @@ def _mean(d: dict[str, float]) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
+def _gap_columns(mine: list[RunResult], base: dict[int, RunResult], full: dict[int, RunResult]) -> dict:
+    """Gap closed per seed (:func:`nnssl.benchmark.gap.gap_closed` on mean foreground Dice, seeds where the row
+    and both references finished), its mean and 95 % t-interval over seeds, and the Wilcoxon p against
+    labeled-only (pairs = seeds x test cases)."""
+    from nnssl.benchmark.gap import gap_closed, mean_ci, paired_cases, wilcoxon_p
+
+    per_seed = {r.seed: gap_closed(_mean(r.dice), _mean(base[r.seed].dice), _mean(full[r.seed].dice))
+                for r in mine if r.seed in base and r.seed in full}
+    mean, low, high = mean_ci(list(per_seed.values()))
+    x, y = paired_cases({r.seed: r.per_case_dice for r in mine}, {s: r.per_case_dice for s, r in base.items()})
+    return {"gap_closed": mean, "gap_closed_ci_low": low, "gap_closed_ci_high": high,
+            "gap_closed_seeds": sum(v == v for v in per_seed.values()),
+            "gap_closed_per_seed": {str(s): v for s, v in per_seed.items()},
+            "wilcoxon_p": wilcoxon_p(x, y), "wilcoxon_pairs": len(x)}
+
+
+def _gap_note(base: dict[int, RunResult], full: dict[int, RunResult], skipped: str | None) -> str | None:
+    """Why gap closed is n/a for (some) seeds of a dataset, or None."""
+    from nnssl.benchmark.gap import GAP_MIN_DENOMINATOR
+
+    if not full:
+        return f"gap closed n/a: no fully supervised reference ({skipped or 'not run or failed'})"
+    if not base:
+        return f"gap closed n/a: no labeled-only ({BASELINE}) row"
+    tiny = {s: _mean(full[s].dice) - _mean(base[s].dice) for s in sorted(set(base) & set(full))}
+    tiny = {s: d for s, d in tiny.items() if not d >= GAP_MIN_DENOMINATOR}
+    if not tiny:
+        return None
+    gaps = ", ".join(f"seed {s}: {d:+.3f}" for s, d in tiny.items())
+    return (f"gap closed undefined where the fully supervised reference is less than {GAP_MIN_DENOMINATOR} Dice above "
+            f"labeled-only ({gaps}): all labels made no measurable difference here (a schedule too short to use "
+            f"them?), and a ratio over that difference would be noise")
+
+
 def summarize(results: list[RunResult]) -> list[dict]:
-    """One row per (dataset, trainer): means over seeds, and over seeds the spread (max - min) of mean Dice."""
+    """One row per (dataset, trainer): means over seeds, over seeds the spread (max - min) of mean Dice, and gap
+    closed with its 95 % interval (see :mod:`nnssl.benchmark.gap`)."""
     rows = []
     for dataset in dict.fromkeys(r.dataset for r in results):
         runs = [r for r in results if r.dataset == dataset]
-        base = [r for r in runs if r.trainer == BASELINE and r.error is None]
+        base = [r for r in runs if r.trainer == BASELINE and r.error is None and r.skipped is None]
+        base_by_seed = {r.seed: r for r in base}
+        full_by_seed = {r.seed: r for r in runs
+                        if r.trainer == FULL_REFERENCE and r.error is None and r.skipped is None}
+        skipped_full = next((r.skipped for r in runs if r.trainer == FULL_REFERENCE and r.skipped), None)
+        gap_note = _gap_note(base_by_seed, full_by_seed, skipped_full)
+        first = len(rows)
         base_dice = np.mean([_mean(r.dice) for r in base]) if base else float("nan")
         base_sec = np.mean([r.seconds_per_iteration for r in base]) if base else float("nan")
         base_mem = np.mean([r.cuda_max_allocated_mb if r.cuda_max_allocated_mb is not None else r.max_rss_mb
                             for r in base]) if base else float("nan")
         for trainer in dict.fromkeys(r.trainer for r in runs):
             mine = [r for r in runs if r.trainer == trainer]
+            skipped = [r for r in mine if r.skipped]
+            mine = [r for r in mine if not r.skipped]
             ok = [r for r in mine if r.error is None]
             row: dict = {"dataset": dataset, "trainer": trainer, "seeds": len(mine), "failed": len(mine) - len(ok),
-                         "schedule": mine[0].schedule}
+                         "schedule": (mine or skipped)[0].schedule}
+            if skipped and not mine:
+                row["skipped"] = skipped[0].skipped
             notes = [f"seed {r.seed}: {r.notes}" if len(mine) > 1 else r.notes for r in mine if r.notes]
             if notes:
                 row["notes"] = " | ".join(notes)
@@ -343,6 +457,7 @@ def summarize(results: list[RunResult]) -> list[dict]:
                 row["dice_seed_spread"] = float(np.max(means) - np.min(means)) if len(means) > 1 else 0.0
                 row["nsd_mean"] = float(np.mean([_mean(r.nsd) for r in ok]))
                 row["gain_vs_supervised"] = row["dice_mean"] - base_dice
+                row.update(_gap_columns(ok, base_by_seed, full_by_seed))
                 row["sec_per_iter"] = float(np.mean([r.seconds_per_iteration for r in ok]))
                 row["time_rel"] = row["sec_per_iter"] / base_sec
                 row["max_rss_mb"] = float(np.mean([r.max_rss_mb for r in ok]))
@@ -353,39 +468,64 @@ def summarize(results: list[RunResult]) -> list[dict]:
                 row["memory_rel"] = row["peak_mb"] / base_mem
                 row["wall_seconds"] = float(np.mean([r.wall_seconds for r in ok]))
             rows.append(row)
+        if gap_note:
+            rows[first]["gap_note"] = gap_note  # one note per dataset table
     return rows
 
 
+def _fmt(v, fmt="{:.3f}") -> str:
+    return "n/a" if v is None or v != v else fmt.format(v)
+
+
+def gap_cell(row: dict) -> str:
+    """``0.77 [0.52, 1.02]``; the interval is n/a with one seed, the whole cell when gap closed is undefined."""
+    if row.get("gap_closed") is None or row["gap_closed"] != row["gap_closed"]:
+        return "n/a"
+    return f"{row['gap_closed']:+.2f} [{_fmt(row['gap_closed_ci_low'], '{:+.2f}')}, " \
+           f"{_fmt(row['gap_closed_ci_high'], '{:+.2f}')}]"
+
+
 def markdown_table(rows: list[dict]) -> str:
+    from nnssl.benchmark.gap import GAP_MIN_DENOMINATOR, TEST_NAME
+
     lines = []
+    not_classes = ("dice_mean", "dice_seed_spread")
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         ds_rows = [r for r in rows if r["dataset"] == dataset]
-        classes = [k[5:] for k in ds_rows[0] if k.startswith("dice_") and k not in ("dice_mean", "dice_seed_spread")]
-        for r in ds_rows[1:]:
-            classes += [k[5:] for k in r if k.startswith("dice_") and k[5:] not in classes
-                        and k not in ("dice_mean", "dice_seed_spread")]
-        head = ["trainer", *[f"Dice {c}" for c in classes], "Dice mean", "NSD mean", "gain", "seed spread",
-                "s/iter", "time ×", "peak MB (GPU if CUDA, else RSS)", "mem ×", "row wall s"]
+        classes = [k[5:] for r in ds_rows for k in r if k.startswith("dice_") and k not in not_classes]
+        classes = list(dict.fromkeys(classes))
+        head = ["trainer", *[f"Dice {c}" for c in classes], "Dice mean", "NSD mean", "gain", "gap closed [95 % CI]",
+                "p (Wilcoxon) vs labeled-only", "seed spread", "s/iter", "time ×", "peak MB (GPU if CUDA, else RSS)",
+                "mem ×", "row wall s"]
         schedules = sorted({r["schedule"] for r in ds_rows if r.get("schedule")})
         title = f"### {dataset}" + (f" ({', '.join(schedules)} per trainer)" if schedules else "")
         lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-
-        def f(v, fmt="{:.3f}"):
-            return "n/a" if v is None or v != v else fmt.format(v)
-
         for r in ds_rows:
+            if r.get("skipped"):
+                lines.append(f"| {r['trainer']} | skipped: {r['skipped']} |" + " |" * (len(head) - 2))
+                continue
             if "dice_mean" not in r:
                 lines.append(f"| {r['trainer']} | failed |" + " |" * (len(head) - 2))
                 continue
-            cells = [r["trainer"], *[f(r.get(f"dice_{c}")) for c in classes], f(r["dice_mean"]), f(r["nsd_mean"]),
-                     f(r["gain_vs_supervised"], "{:+.3f}"), f(r["dice_seed_spread"]), f(r["sec_per_iter"]),
-                     f(r["time_rel"], "{:.2f}"), f(r["peak_mb"], "{:.0f}"), f(r["memory_rel"], "{:.2f}"),
-                     f(r.get("wall_seconds"), "{:.0f}")]
+            p = "—" if r["trainer"] == BASELINE else f"{_fmt(r['wilcoxon_p'], '{:.3g}')} (n={r['wilcoxon_pairs']})"
+            cells = [r["trainer"], *[_fmt(r.get(f"dice_{c}")) for c in classes], _fmt(r["dice_mean"]),
+                     _fmt(r["nsd_mean"]), _fmt(r["gain_vs_supervised"], "{:+.3f}"), gap_cell(r), p,
+                     _fmt(r["dice_seed_spread"]), _fmt(r["sec_per_iter"]), _fmt(r["time_rel"], "{:.2f}"),
+                     _fmt(r["peak_mb"], "{:.0f}"), _fmt(r["memory_rel"], "{:.2f}"),
+                     _fmt(r.get("wall_seconds"), "{:.0f}")]
             lines.append("| " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", f"Gap closed = (Dice − Dice {BASELINE}) / (Dice {FULL_REFERENCE} − Dice {BASELINE}) per seed "
+                      f"(mean foreground Dice; 0 = labeled-only, 1 = all labels), mean over seeds with a 95 % "
+                      f"Student-t interval (n/a with one seed; undefined when the full reference is < "
+                      f"{GAP_MIN_DENOMINATOR} above labeled-only). p: {TEST_NAME}.", ""]
+        lines += [f"- {r['gap_note']}" for r in ds_rows if r.get("gap_note")]
         lines += [f"- {r['trainer']}: {r['notes']}" for r in ds_rows if r.get("notes")]
         lines.append("")
     return "\n".join(lines)
+
+
+def _short(trainer: str) -> str:
+    return trainer.replace("nnUNetTrainer", "") or "nnUNetTrainer"
 
 
 def bar_plot(rows: list[dict], path: Path) -> None:
@@ -398,12 +538,50 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         ds_rows = [r for r in rows if r["dataset"] == dataset and "dice_mean" in r]
-        names = [r["trainer"].replace("nnUNetTrainer", "") or "nnUNetTrainer" for r in ds_rows]
+        names = [_short(r["trainer"]) for r in ds_rows]
         ax.bar(names, [r["dice_mean"] for r in ds_rows],
                yerr=[r["dice_seed_spread"] / 2 for r in ds_rows], capsize=3)
         ax.set_title(dataset)
         ax.set_ylabel("mean foreground Dice")
         # right-aligned and anchored, so that long trainer names end under their own bar
+        plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def gap_plot(rows: list[dict], path: Path) -> None:
+    """Gap closed per trainer (one bar each, error bars = the 95 % interval over seeds), with the two references
+    as lines at 0 and 1; a dataset without gap closed says why instead."""
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        ds_rows = [r for r in rows if r["dataset"] == dataset and r["trainer"] not in (BASELINE, FULL_REFERENCE)
+                   and r.get("gap_closed") is not None and r["gap_closed"] == r["gap_closed"]]
+        ax.set_title(dataset)
+        ax.axhline(0, color="grey", lw=1)
+        ax.axhline(1, color="grey", lw=1, ls="--")
+        if not ds_rows:
+            note = next((r.get("gap_note") for r in rows if r["dataset"] == dataset and r.get("gap_note")), "")
+            import textwrap
+
+            ax.text(0.5, 0.5, textwrap.fill(note or "gap closed n/a", 70), ha="center", va="center",
+                    transform=ax.transAxes, fontsize=7)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
+        means = np.array([r["gap_closed"] for r in ds_rows])
+        low = np.array([r["gap_closed_ci_low"] for r in ds_rows])
+        high = np.array([r["gap_closed_ci_high"] for r in ds_rows])
+        # no interval with one seed: no error bar rather than a made-up one
+        err = np.nan_to_num(np.vstack([means - low, high - means]), nan=0.0)
+        ax.bar([_short(r["trainer"]) for r in ds_rows], means, yerr=err, capsize=3)
+        ax.set_ylabel("gap closed (0 = labeled-only, 1 = all labels)")
         plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
     fig.tight_layout()
     fig.savefig(path)
@@ -424,30 +602,129 @@ def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
     os.replace(tmp, out / "benchmark.csv")
     atomic_write_text(out / "benchmark.md", markdown_table(rows))
     bar_plot(rows, out / "benchmark.png")
+    gap_plot(rows, out / "benchmark_gap.png")
     return rows
 
 
-def _synthetic_datasets(root: Path, seed: int, smoke: bool) -> list[tuple[int, str]]:
-    """(dataset id, configuration) of the generated 3D and 2D sets for this seed, planned and preprocessed."""
+@dataclass
+class DatasetRun:
+    """One dataset of one seed, as every row of it runs: where, which schedule, and its derived datasets."""
+
+    dataset_id: int
+    configuration: str
+    fold: str
+    env: dict[str, str]
+    seed: int
+    data: str  # what the data is, for the row keys (see nnssl.benchmark.resume)
+    pl_round: PseudoLabelRound | None = None
+    full_id: int | None = None
+    label: str = ""
+
+
+def row_key_of(run: DatasetRun, trainer: str, device: str, disable_tta: bool) -> dict:
+    from nnssl.benchmark.resume import row_key
+
+    options: dict = {"device": device, "disable_tta": disable_tta}
+    if is_pseudo_label_row(trainer) and run.pl_round is not None:
+        options["pl_min_voxels"] = run.pl_round.min_voxels
+    return row_key(run.dataset_id, run.configuration, run.fold, trainer, run.seed, run.env, run.data, **options)
+
+
+def reusable_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool
+                  ) -> dict[str, RunResult]:
+    """trainer -> its finished row of an earlier run with the same key (same data, schedule, options)."""
+    from nnssl.benchmark.resume import load_row
+
+    found = {t: load_row(out, row_key_of(run, t, device, disable_tta), RunResult) for t in trainers}
+    return {t: r for t, r in found.items() if r is not None}
+
+
+def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool,
+             results: list[RunResult], start: float, full_skip: str | None = None) -> None:
+    """Every row of ``run`` in order, appended to ``results`` (tables rewritten after each): a finished row of an
+    earlier run with the same key is reused, every other one computed and saved under ``out/rows``."""
+    from nnssl.benchmark.resume import row_file, save_row
+
+    reusable = reusable_rows(run, trainers, out, device, disable_tta)
+    for trainer in trainers:
+        key = row_key_of(run, trainer, device, disable_tta)
+        if trainer in reusable:
+            print(f"nnssl_benchmark: reusing finished row {row_file(out, key).name} ({run.label}: {trainer})")
+            results.append(reusable[trainer])
+            continue
+        if trainer == FULL_REFERENCE and full_skip:
+            print(f"nnssl_benchmark: {FULL_REFERENCE} skipped ({run.label}): {full_skip}")
+            from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+            results.append(RunResult(FULL_REFERENCE, maybe_convert_to_dataset_name(run.dataset_id), run.seed,
+                                     schedule=schedule_text(run.env), skipped=full_skip))
+            continue
+        print(f"[{time.time() - start:.0f} s] {run.label}: {trainer}")
+        result = run_trainer(trainer, run.dataset_id, run.configuration, run.fold, run.env, out, device, run.seed,
+                             run.pl_round, disable_tta, run.full_id)
+        save_row(out, key, result)
+        results.append(result)
+        write_outputs(results, out)
+
+
+def raw_folder(env: dict[str, str], dataset_id: int) -> Path:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    return Path(env["nnUNet_raw"]) / maybe_convert_to_dataset_name(dataset_id)
+
+
+def raw_data_text(env: dict[str, str], dataset_id: int) -> str:
+    """The data of ``-d``, for the row keys: its raw folder and a digest of its roles (ssl_split.json), so a changed
+    split (other labeled cases) is not mistaken for the same data."""
+    import hashlib
+
+    raw = raw_folder(env, dataset_id)
+    split = raw / "ssl_split.json"
+    digest = hashlib.sha256(split.read_bytes()).hexdigest()[:16] if split.is_file() else "no ssl_split.json"
+    return f"{raw} split {digest}"
+
+
+def order_rows(trainers: list[str], full_reference: bool) -> list[str]:
+    """The references first (every gain and gap is relative to them; the baseline is stage 1 of the pseudo-label
+    row): the baseline when asked for or needed, then the full reference when wanted, then the rest."""
+    if BASELINE in trainers or any(is_pseudo_label_row(t) for t in trainers):
+        trainers = [BASELINE, *[t for t in trainers if t != BASELINE]]
+    trainers = [t for t in trainers if t != FULL_REFERENCE]
+    if full_reference:
+        at = 1 if trainers and trainers[0] == BASELINE else 0
+        trainers = [*trainers[:at], FULL_REFERENCE, *trainers[at:]]
+    return trainers
+
+
+def synthetic_specs(smoke: bool) -> list[tuple[int, str, str, int, int, int]]:
+    """(dataset id, kind, configuration, labeled, unlabeled, test) of the generated sets."""
+    # the same ids for every seed (each seed has its own nnUNet_raw), so the rows of the seeds average together
+    if smoke:
+        return [(960, "3d", "3d_fullres", 5, 3, 1)]
+    return [(960, "3d", "3d_fullres", 4, 16, 6), (961, "2d", "2d", 6, 24, 10)]
+
+
+def synthetic_data_text(spec: tuple, seed: int) -> str:
+    """The generated data of ``spec`` and ``seed``, for the row keys (the generator is deterministic in them)."""
+    dataset_id, kind, _, n_l, n_u, n_t = spec
+    scale = SYNTHETIC_3D_VOXEL_SCALE if kind == "3d" else 1.0
+    return f"synthetic {kind} id {dataset_id} labeled {n_l} unlabeled {n_u} test {n_t} voxel scale {scale} seed {seed}"
+
+
+def make_synthetic(root: Path, spec: tuple, seed: int) -> None:
+    """Generate, plan and preprocess one synthetic set of ``spec`` for ``seed`` under ``root``."""
     from nnssl.plans_tools import shrink_network
     from nnssl.synthetic import make_synthetic_dataset
 
-    made = []
-    # the same ids for every seed (each seed has its own nnUNet_raw), so the rows of the seeds average together
-    specs = [(960, "3d", "3d_fullres", 4, 16, 6), (961, "2d", "2d", 6, 24, 10)]
-    if smoke:
-        specs = [(960, "3d", "3d_fullres", 5, 3, 1)]
-    for dataset_id, kind, configuration, n_l, n_u, n_t in specs:
-        raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, kind, n_labeled=n_l, n_unlabeled=n_u,
-                                     n_test=n_t, seed=seed, overwrite=True,
-                                     voxel_scale=SYNTHETIC_3D_VOXEL_SCALE if kind == "3d" else 1.0)
-        env = {**os.environ, "nnUNet_raw": str(root / "nnUNet_raw"),
-               "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"), "nnUNet_n_proc_DA": "2"}
-        _run(["nnssl_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "2"], env,
-             root / f"plan_{dataset_id}.log")
-        shrink_network(root / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json")
-        made.append((dataset_id, configuration))
-    return made
+    dataset_id, kind, configuration, n_l, n_u, n_t = spec
+    raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, kind, n_labeled=n_l, n_unlabeled=n_u,
+                                 n_test=n_t, seed=seed, overwrite=True,
+                                 voxel_scale=SYNTHETIC_3D_VOXEL_SCALE if kind == "3d" else 1.0)
+    env = {**os.environ, "nnUNet_raw": str(root / "nnUNet_raw"),
+           "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"), "nnUNet_n_proc_DA": "2"}
+    _run(["nnssl_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "2"], env,
+         root / f"plan_{dataset_id}.log")
+    shrink_network(root / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json")
 
 
 @report_user_errors("nnssl_benchmark")
@@ -475,6 +752,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pl-min-voxels", type=int, default=None,
                         help=f"nnssl_pseudolabel --min-voxels of that row (default: 2000 as FLARE22 with -d, "
                              f"{SYNTHETIC_PL_MIN_VOXELS} on the synthetic sets)")
+    parser.add_argument("--no-full-reference", action="store_true",
+                        help=f"skip the fully supervised reference ({FULL_REFERENCE}: {BASELINE} on the labeled + "
+                             f"unlabeled cases with their withheld labels; default: run it when labelsUnlabeled has "
+                             f"every unlabeled case's label)")
+    parser.add_argument("--full-dataset-id", type=int, default=None,
+                        help=f"id of the fully labeled dataset of the {FULL_REFERENCE} row (with -d; replaced on every "
+                             f"run; default: a free id in 900..999, reused on reruns)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,
                      help="predict the test set without mirroring (nnUNetv2_predict --disable_tta; default with "
@@ -484,6 +768,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.synthetic and args.pl_dataset_id is not None:
         parser.error("--pl-dataset-id is for -d; the synthetic sets use 962 (3D) and 963 (2D)")
+    if args.synthetic and args.full_dataset_id is not None:
+        parser.error("--full-dataset-id is for -d; the synthetic sets use 964 (3D) and 965 (2D)")
 
     import torch
 
@@ -499,16 +785,14 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["nnUNet_extTrainer"] = env["nnUNet_extTrainer"]
     trainers = args.trainers or ([BASELINE, "nnUNetTrainerMeanTeacher"] if args.smoke else [BASELINE, *SSL_TRAINERS])
     # every check that can fail on user input runs before the output folder is made
-    trainers = check_trainers(trainers)
+    trainers = check_trainers([t for t in trainers if t != FULL_REFERENCE])  # the reference is a row, not a class
     if not args.synthetic:
         check_planned_dataset(args.d, args.c, env)
     out = Path(args.output).resolve()
     out.mkdir(parents=True, exist_ok=True)
     if any(is_pseudo_label_row(t) for t in trainers) and BASELINE not in trainers:
         print(f"nnssl_benchmark: the pseudo-label row fine-tunes the {BASELINE} model, so {BASELINE} runs too")
-    if BASELINE in trainers or any(is_pseudo_label_row(t) for t in trainers):
-        # the baseline first: every row's gain is relative to it, and it is stage 1 of the pseudo-label row
-        trainers = [BASELINE, *[t for t in trainers if t != BASELINE]]
+    trainers = order_rows(trainers, full_reference=not args.no_full_reference)
     min_voxels = args.pl_min_voxels if args.pl_min_voxels is not None else (
         SYNTHETIC_PL_MIN_VOXELS if args.synthetic else 2000)
     disable_tta = not predict_with_mirroring(args.tta, args.synthetic)
@@ -520,32 +804,41 @@ def main(argv: list[str] | None = None) -> None:
             env_seed = {**env, "nnUNet_raw": str(root / "nnUNet_raw"),
                         "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
                         "nnUNet_results": str(root / "nnUNet_results")}
-            for dataset_id, configuration in _synthetic_datasets(root, seed, args.smoke):
-                # the generated sets are 960 (3D) and 961 (2D): their pseudo-labeled datasets are 962 and 963
-                pl_round = PseudoLabelRound(dataset_id + 2, min_voxels)
+            for spec in synthetic_specs(args.smoke):
+                dataset_id, configuration = spec[0], spec[2]
                 epochs, iterations, lr = (1, 2, None) if args.smoke else SYNTHETIC_SCHEDULES[configuration]
                 env_run = {**env_seed, **schedule_env(args.epochs or epochs, args.iterations or iterations,
                                                       1 if args.smoke else 2, args.lr or lr)}
-                for trainer in trainers:
-                    print(f"[{time.time() - start:.0f} s] seed {seed} dataset {dataset_id} {configuration}: {trainer}")
-                    results.append(run_trainer(trainer, dataset_id, configuration, args.f, env_run, out, device,
-                                               seed, pl_round, disable_tta))
-                    write_outputs(results, out)
+                # fixed ids of the derived datasets (each seed has its own nnUNet_raw): 960 -> 962 (pseudo-labeled)
+                # and 964 (fully labeled), 961 -> 963 and 965
+                run = DatasetRun(dataset_id, configuration, args.f, env_run, seed, synthetic_data_text(spec, seed),
+                                 PseudoLabelRound(dataset_id + SYNTHETIC_PL_OFFSET, min_voxels),
+                                 dataset_id + SYNTHETIC_FULL_OFFSET,
+                                 f"seed {seed} dataset {dataset_id} {configuration}")
+                if len(reusable_rows(run, trainers, out, device, disable_tta)) < len(trainers):
+                    make_synthetic(root, spec, seed)  # deterministic in (spec, seed): a rerun makes the same data
+                run_rows(run, trainers, out, device, disable_tta, results, start)
     else:
         if args.smoke:
             env.update(schedule_env(args.epochs or 1, args.iterations or 2, 1, args.lr))
         else:  # the trainers' own schedules (nnU-Net's 1000 x 250; 40 epochs of fine-tuning) unless given
             env.update(schedule_env(args.epochs, args.iterations, None, args.lr))
-        pl_round = None
+        run = DatasetRun(args.d, args.c, args.f, env, 0, raw_data_text(env, args.d), label=f"dataset {args.d} {args.c}")
         if any(is_pseudo_label_row(t) for t in trainers):
-            pl_round = PseudoLabelRound(pseudo_label_dataset_id(out, args.d, args.c, args.f, env, args.pl_dataset_id),
-                                        min_voxels)
-            print(f"nnssl_benchmark: the pseudo-labeled dataset of {PSEUDO_LABEL_TRAINER} is {pl_round.new_dataset_id}")
-        for trainer in trainers:
-            print(f"[{time.time() - start:.0f} s] dataset {args.d} {args.c}: {trainer}")
-            results.append(run_trainer(trainer, args.d, args.c, args.f, env, out, device, 0, pl_round,
-                                       disable_tta))
-            write_outputs(results, out)
+            run.pl_round = PseudoLabelRound(pseudo_label_dataset_id(out, args.d, args.c, args.f, env,
+                                                                    args.pl_dataset_id), min_voxels)
+            print(f"nnssl_benchmark: the pseudo-labeled dataset of {PSEUDO_LABEL_TRAINER} is "
+                  f"{run.pl_round.new_dataset_id}")
+        full_skip = None
+        if FULL_REFERENCE in trainers:
+            full_skip = missing_withheld_labels(raw_folder(env, args.d))
+            if full_skip is None:
+                run.full_id = derived_dataset_id(out, FULL_REFERENCE_REGISTRY, args.d, args.c, args.f, env,
+                                                 args.full_dataset_id, "the fully labeled dataset", "--full-dataset-id")
+                if run.pl_round is not None and run.full_id == run.pl_round.new_dataset_id:
+                    raise InputError(f"--full-dataset-id {run.full_id} is the pseudo-labeled dataset's id")
+                print(f"nnssl_benchmark: the fully labeled dataset of {FULL_REFERENCE} is {run.full_id}")
+        run_rows(run, trainers, out, device, disable_tta, results, start, full_skip)
     rows = write_outputs(results, out)
     print(markdown_table(rows))
     print(f"on {device}: {time.time() - start:.0f} s in all; tables in {out}")
