@@ -153,3 +153,43 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     assert checkpoint.stat().st_mtime == mtime
     rerun = json.loads((out / "benchmark.json").read_text())
     assert [r["trainer"] for r in rerun["rows"]] == trainers and json.dumps(rerun["runs"]) == json.dumps(data["runs"])
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_equal_time_budget(synthetic3d, tmp_path):
+    """--budget both through the real CLIs: a speed calibration of both trainers (saved), the labeled-only row once,
+    Mean Teacher at the schedule and at equal time with fewer iterations per epoch, both in every output; a rerun
+    reuses the calibration and every row."""
+    from nnssl.benchmark.budget import calibration_file
+
+    ds = synthetic3d
+    out = tmp_path / "bench"
+    env = {**ds.env, "nnUNet_results": str(tmp_path / "results")}
+    mt = "nnUNetTrainerMeanTeacher"
+    command = ["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "3d_fullres", "-f", "0", "--smoke", "-device",
+               "cpu", "-o", str(out), "--budget", "both", "--trainers", BASELINE, mt, "--no-full-reference"]
+    proc = run_cli(command, env)
+    assert proc.stdout.count("nnssl_benchmark: speed calibration") == 2, proc.stdout
+    data = json.loads((out / "benchmark.json").read_text())
+    assert [(r["trainer"], r["budget"]) for r in data["rows"]] == [(BASELINE, "both"), (mt, "iterations"),
+                                                                   (mt, "time")]
+    runs = {(r["trainer"], r["budget"]): r for r in data["runs"]}
+    for run in runs.values():
+        assert run["error"] is None, run
+    seconds = json.loads(calibration_file(out, ds.dataset_id, "3d_fullres", 0, "cpu").read_text())
+    assert set(seconds["seconds_per_iteration"]) == {BASELINE, mt}
+    # --smoke: 1 epoch x 2 iterations; Mean Teacher is slower per iteration, so it gets fewer at equal time
+    assert runs[(mt, "iterations")]["schedule"] == "1 epochs x 2 iterations"
+    assert runs[(mt, "time")]["schedule"] == "1 epochs x 1 iterations", seconds
+    assert runs[(mt, "time")]["time_scale"] == pytest.approx(0.5)
+    assert "equal time: 1 instead of 2 iterations per epoch" in runs[(mt, "time")]["notes"]
+    assert (tmp_path / "results" / "equal_time").is_dir()  # its own model; the equal-iteration one stays
+    with open(out / "benchmark.csv") as f:
+        assert [r["budget"] for r in csv.DictReader(f)] == ["both", "iterations", "time"]
+    table = (out / "benchmark.md").read_text()
+    assert f"| {mt} @ equal time |" in table and f"| {mt} |" in table
+    assert (out / "benchmark_gap.png").stat().st_size > 0 and len(list((out / "rows").glob("*.json"))) == 3
+
+    again = run_cli(command, env)
+    assert "nnssl_benchmark: speed calibration" not in again.stdout, again.stdout
+    assert again.stdout.count("reusing finished row") == 3, again.stdout

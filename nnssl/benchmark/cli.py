@@ -31,6 +31,17 @@ Every finished row (dataset x trainer x seed) is saved under ``rows/`` with a ke
 and options (:mod:`nnssl.benchmark.resume`): a rerun with the same output folder reuses those rows and computes only
 the missing or failed ones, so a killed run loses at most the row it was running.
 
+``--budget iterations|time|both`` (:mod:`nnssl.benchmark.budget`): ``iterations`` (default) gives every row the same
+schedule; ``time`` gives every SSL row the wall-clock training time of the labeled-only reference on that schedule:
+a short speed calibration (each trainer 3 epochs of 10 iterations, saved under ``calibration/`` and reused on
+rerun) gives the ratio of seconds per iteration, and the row's iterations per epoch are the schedule's times that
+ratio (rounded down, at least 1, at most the schedule; the epochs stay, so the lr decay and the SSL ramps keep their
+shape). The factor is in the row (``time_scale``, notes). ``both`` runs both: the equal-time rows are labeled
+``X @ equal time`` in benchmark.md, have ``budget`` = ``time`` in benchmark.csv/json (the references, the same rows
+under both budgets: ``both``) and are paired with the equal-iteration bars in benchmark_gap.png. The pseudo-label row
+is not run under equal time: its stage 1 is the labeled-only run and uses the whole budget (see the budget module).
+Time-budget rows are saved under ``rows/`` with the budget and their scaled schedule in the key.
+
 ``--synthetic`` generates a class-imbalanced 3D multi-organ set (few labeled, many unlabeled with withheld labels,
 a labeled test set) and a 2D ultrasound-like set, and runs every seed in ``--seeds`` (default: seed 0) with the CPU
 presets of ``SYNTHETIC_SCHEDULES``, predicting without mirroring; ``--smoke`` shrinks everything to seconds (used by
@@ -54,6 +65,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nnssl.benchmark.budget import BUDGETS, CALIBRATION_SCHEDULE, ITERATIONS, SMOKE_CALIBRATION_SCHEDULE, budgets_of
 from nnssl.benchmark.full_reference import missing_withheld_labels
 from nnssl.errors import InputError, report_user_errors
 
@@ -107,6 +119,8 @@ class RunResult:
     wall_seconds: float = float("nan")  # the whole row: pseudo-labeling stage, training, prediction, evaluation
     per_case_dice: dict[str, dict[str, float]] = field(default_factory=dict)  # test case -> class -> Dice
     skipped: str | None = None  # why the row was not run (the full reference without withheld labels)
+    budget: str = "iterations"  # "iterations" or "time" (nnssl.benchmark.budget)
+    time_scale: float | None = None  # under the time budget: scaled / schedule iterations per epoch
 
 
 def check_trainers(names: list[str]) -> list[str]:
@@ -265,7 +279,7 @@ def _full_reference_stage(dataset_id: int, full_id: int, configuration: str, fol
 
 def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
                 device: str, seed: int, pseudo_label_round: PseudoLabelRound | None = None,
-                disable_tta: bool = False, full_reference_id: int | None = None) -> RunResult:
+                disable_tta: bool = False, full_reference_id: int | None = None, tag_suffix: str = "") -> RunResult:
     """One row: ``trainer`` on ``dataset_id`` (or, for :data:`FULL_REFERENCE`, :data:`BASELINE` on the fully
     labeled dataset ``full_reference_id``), scored on ``dataset_id``'s test set."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -274,7 +288,7 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
     dataset = maybe_convert_to_dataset_name(dataset_id)
     raw = Path(env["nnUNet_raw"]) / dataset
     result = RunResult(trainer, dataset, seed, schedule=schedule_text(env))
-    tag = f"{dataset}_{configuration}_{trainer}_seed{seed}"
+    tag = f"{dataset}_{configuration}_{trainer}_seed{seed}{tag_suffix}"
     start = time.time()
     try:
         if trainer == FULL_REFERENCE:
@@ -418,10 +432,21 @@ def _gap_note(base: dict[int, RunResult], full: dict[int, RunResult], skipped: s
             f"them?), and a ratio over that difference would be noise")
 
 
+def row_label(row: dict) -> str:
+    """``trainer``, or ``trainer @ equal time`` for a row of the time budget."""
+    from nnssl.benchmark.budget import BUDGET_LABEL
+
+    budget = row.get("budget")
+    return f"{row['trainer']} @ {BUDGET_LABEL[budget]}" if budget in BUDGET_LABEL and budget != ITERATIONS \
+        else row["trainer"]
+
+
 def summarize(results: list[RunResult]) -> list[dict]:
-    """One row per (dataset, trainer): means over seeds, over seeds the spread (max - min) of mean Dice, and gap
-    closed with its 95 % interval (see :mod:`nnssl.benchmark.gap`)."""
+    """One row per (dataset, trainer, budget): means over seeds, over seeds the spread (max - min) of mean Dice, and
+    gap closed with its 95 % interval (see :mod:`nnssl.benchmark.gap`). Rows of the time budget are measured against
+    the same references; with any of them every row has a ``budget`` (the references: ``both``)."""
     rows = []
+    with_budgets = any(r.budget != ITERATIONS for r in results)
     for dataset in dict.fromkeys(r.dataset for r in results):
         runs = [r for r in results if r.dataset == dataset]
         base = [r for r in runs if r.trainer == BASELINE and r.error is None and r.skipped is None]
@@ -435,13 +460,15 @@ def summarize(results: list[RunResult]) -> list[dict]:
         base_sec = np.mean([r.seconds_per_iteration for r in base]) if base else float("nan")
         base_mem = np.mean([r.cuda_max_allocated_mb if r.cuda_max_allocated_mb is not None else r.max_rss_mb
                             for r in base]) if base else float("nan")
-        for trainer in dict.fromkeys(r.trainer for r in runs):
-            mine = [r for r in runs if r.trainer == trainer]
+        for trainer, budget in dict.fromkeys((r.trainer, r.budget) for r in runs):
+            mine = [r for r in runs if r.trainer == trainer and r.budget == budget]
             skipped = [r for r in mine if r.skipped]
             mine = [r for r in mine if not r.skipped]
             ok = [r for r in mine if r.error is None]
             row: dict = {"dataset": dataset, "trainer": trainer, "seeds": len(mine), "failed": len(mine) - len(ok),
                          "schedule": (mine or skipped)[0].schedule}
+            if with_budgets:
+                row["budget"] = "both" if is_reference(trainer) else budget
             if skipped and not mine:
                 row["skipped"] = skipped[0].skipped
             notes = [f"seed {r.seed}: {r.notes}" if len(mine) > 1 else r.notes for r in mine if r.notes]
@@ -467,6 +494,9 @@ def summarize(results: list[RunResult]) -> list[dict]:
                 row["peak_mb"] = row["cuda_max_allocated_mb"] if cuda else row["max_rss_mb"]
                 row["memory_rel"] = row["peak_mb"] / base_mem
                 row["wall_seconds"] = float(np.mean([r.wall_seconds for r in ok]))
+                scales = [r.time_scale for r in ok if r.time_scale is not None]
+                if scales:
+                    row["time_scale"] = float(np.mean(scales))
             rows.append(row)
         if gap_note:
             rows[first]["gap_note"] = gap_note  # one note per dataset table
@@ -497,18 +527,18 @@ def markdown_table(rows: list[dict]) -> str:
         head = ["trainer", *[f"Dice {c}" for c in classes], "Dice mean", "NSD mean", "gain", "gap closed [95 % CI]",
                 "p (Wilcoxon) vs labeled-only", "seed spread", "s/iter", "time ×", "peak MB (GPU if CUDA, else RSS)",
                 "mem ×", "row wall s"]
-        schedules = sorted({r["schedule"] for r in ds_rows if r.get("schedule")})
+        schedules = sorted({r["schedule"] for r in ds_rows if r.get("schedule") and r.get("budget") != "time"})
         title = f"### {dataset}" + (f" ({', '.join(schedules)} per trainer)" if schedules else "")
         lines += [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in ds_rows:
             if r.get("skipped"):
-                lines.append(f"| {r['trainer']} | skipped: {r['skipped']} |" + " |" * (len(head) - 2))
+                lines.append(f"| {row_label(r)} | skipped: {r['skipped']} |" + " |" * (len(head) - 2))
                 continue
             if "dice_mean" not in r:
-                lines.append(f"| {r['trainer']} | failed |" + " |" * (len(head) - 2))
+                lines.append(f"| {row_label(r)} | failed |" + " |" * (len(head) - 2))
                 continue
             p = "—" if r["trainer"] == BASELINE else f"{_fmt(r['wilcoxon_p'], '{:.3g}')} (n={r['wilcoxon_pairs']})"
-            cells = [r["trainer"], *[_fmt(r.get(f"dice_{c}")) for c in classes], _fmt(r["dice_mean"]),
+            cells = [row_label(r), *[_fmt(r.get(f"dice_{c}")) for c in classes], _fmt(r["dice_mean"]),
                      _fmt(r["nsd_mean"]), _fmt(r["gain_vs_supervised"], "{:+.3f}"), gap_cell(r), p,
                      _fmt(r["dice_seed_spread"]), _fmt(r["sec_per_iter"]), _fmt(r["time_rel"], "{:.2f}"),
                      _fmt(r["peak_mb"], "{:.0f}"), _fmt(r["memory_rel"], "{:.2f}"),
@@ -519,13 +549,21 @@ def markdown_table(rows: list[dict]) -> str:
                       f"Student-t interval (n/a with one seed; undefined when the full reference is < "
                       f"{GAP_MIN_DENOMINATOR} above labeled-only). p: {TEST_NAME}.", ""]
         lines += [f"- {r['gap_note']}" for r in ds_rows if r.get("gap_note")]
-        lines += [f"- {r['trainer']}: {r['notes']}" for r in ds_rows if r.get("notes")]
+        if any(r.get("budget") == "time" for r in ds_rows):
+            lines.append(f"- @ equal time: the row trains as long as {BASELINE} on the schedule (its iterations per "
+                         f"epoch scaled by a speed calibration, the epochs kept); the references are the same rows "
+                         f"under both budgets")
+        lines += [f"- {row_label(r)}: {r['notes']}" for r in ds_rows if r.get("notes")]
         lines.append("")
     return "\n".join(lines)
 
 
 def _short(trainer: str) -> str:
     return trainer.replace("nnUNetTrainer", "") or "nnUNetTrainer"
+
+
+def _short_label(row: dict) -> str:
+    return _short(row["trainer"]) + (" @ time" if row.get("budget") == "time" else "")
 
 
 def bar_plot(rows: list[dict], path: Path) -> None:
@@ -538,7 +576,7 @@ def bar_plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
         ds_rows = [r for r in rows if r["dataset"] == dataset and "dice_mean" in r]
-        names = [_short(r["trainer"]) for r in ds_rows]
+        names = [_short_label(r) for r in ds_rows]
         ax.bar(names, [r["dice_mean"] for r in ds_rows],
                yerr=[r["dice_seed_spread"] / 2 for r in ds_rows], capsize=3)
         ax.set_title(dataset)
@@ -552,7 +590,8 @@ def bar_plot(rows: list[dict], path: Path) -> None:
 
 def gap_plot(rows: list[dict], path: Path) -> None:
     """Gap closed per trainer (one bar each, error bars = the 95 % interval over seeds), with the two references
-    as lines at 0 and 1; a dataset without gap closed says why instead."""
+    as lines at 0 and 1; a dataset without gap closed says why instead. With rows of both budgets each trainer has
+    two bars side by side (equal iterations, equal time)."""
     import matplotlib
 
     matplotlib.use("agg")
@@ -575,12 +614,23 @@ def gap_plot(rows: list[dict], path: Path) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             continue
-        means = np.array([r["gap_closed"] for r in ds_rows])
-        low = np.array([r["gap_closed_ci_low"] for r in ds_rows])
-        high = np.array([r["gap_closed_ci_high"] for r in ds_rows])
-        # no interval with one seed: no error bar rather than a made-up one
-        err = np.nan_to_num(np.vstack([means - low, high - means]), nan=0.0)
-        ax.bar([_short(r["trainer"]) for r in ds_rows], means, yerr=err, capsize=3)
+        from nnssl.benchmark.budget import BUDGET_LABEL
+
+        trainers = list(dict.fromkeys(r["trainer"] for r in ds_rows))
+        budgets = list(dict.fromkeys(r.get("budget", ITERATIONS) for r in ds_rows))
+        width = 0.8 / len(budgets)
+        for i, budget in enumerate(budgets):
+            mine = [r for r in ds_rows if r.get("budget", ITERATIONS) == budget]
+            means = np.array([r["gap_closed"] for r in mine])
+            low = np.array([r["gap_closed_ci_low"] for r in mine])
+            high = np.array([r["gap_closed_ci_high"] for r in mine])
+            # no interval with one seed: no error bar rather than a made-up one
+            err = np.nan_to_num(np.vstack([means - low, high - means]), nan=0.0)
+            x = np.array([trainers.index(r["trainer"]) for r in mine]) + (i - (len(budgets) - 1) / 2) * width
+            ax.bar(x, means, width=width, yerr=err, capsize=3, label=BUDGET_LABEL.get(budget, budget))
+        ax.set_xticks(range(len(trainers)), [_short(t) for t in trainers])
+        if len(budgets) > 1:
+            ax.legend(fontsize=7)
         ax.set_ylabel("gap closed (0 = labeled-only, 1 = all labels)")
         plt.setp(ax.get_xticklabels(), rotation=45, ha="right", rotation_mode="anchor")
     fig.tight_layout()
@@ -619,52 +669,215 @@ class DatasetRun:
     pl_round: PseudoLabelRound | None = None
     full_id: int | None = None
     label: str = ""
+    calibration_schedule: tuple[int, int] = CALIBRATION_SCHEDULE  # (epochs, iterations) of the speed calibration
 
 
-def row_key_of(run: DatasetRun, trainer: str, device: str, disable_tta: bool) -> dict:
+def row_key_of(run: DatasetRun, trainer: str, device: str, disable_tta: bool, budget: str = ITERATIONS) -> dict:
+    """The row's key; under the time budget with ``budget`` in it (``run`` then has the scaled schedule), under the
+    iteration budget as before the budgets existed, so earlier rows stay reusable."""
     from nnssl.benchmark.resume import row_key
 
     options: dict = {"device": device, "disable_tta": disable_tta}
     if is_pseudo_label_row(trainer) and run.pl_round is not None:
         options["pl_min_voxels"] = run.pl_round.min_voxels
+    if budget != ITERATIONS:
+        options["budget"] = budget
     return row_key(run.dataset_id, run.configuration, run.fold, trainer, run.seed, run.env, run.data, **options)
 
 
-def reusable_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool
-                  ) -> dict[str, RunResult]:
-    """trainer -> its finished row of an earlier run with the same key (same data, schedule, options)."""
+def is_reference(trainer: str) -> bool:
+    """The labeled-only and the fully supervised reference: the same rows under every budget."""
+    return trainer in (BASELINE, FULL_REFERENCE)
+
+
+def budget_trainers(trainers: list[str], budget: str, budgets: list[str] | None = None) -> list[str]:
+    """The rows of ``budget`` when ``budgets`` run: at equal iterations every trainer (only the references when the
+    time budget runs alone: they are its references too), at equal time the SSL trainers."""
+    if budget != ITERATIONS:
+        return [t for t in trainers if not is_reference(t)]
+    return list(trainers) if budgets is None or ITERATIONS in budgets else [t for t in trainers if is_reference(t)]
+
+
+def calibration_of(run: DatasetRun, out: Path, device: str) -> tuple[Path, dict, dict[str, float]]:
+    """(file, key, trainer -> seconds per iteration) of ``run``'s saved speed calibration (empty without one)."""
+    from nnssl.benchmark.budget import calibration_file, calibration_key, load_calibration
+
+    path = calibration_file(out, run.dataset_id, run.configuration, run.seed, device)
+    key = calibration_key(run.data, run.configuration, run.fold, device, run.env, run.calibration_schedule)
+    return path, key, load_calibration(path, key)
+
+
+def _calibrate_one(run: DatasetRun, trainer: str, out: Path, device: str) -> float:
+    """Seconds per iteration of ``trainer`` on ``run``'s data: ``nnUNetv2_train`` for the calibration schedule into a
+    scratch results folder (removed after), the fastest epoch's ``train seconds/iteration`` after the first."""
+    import shutil
+
+    from nnssl.benchmark.budget import CALIBRATION_FOLDER, calibration_seconds_per_iteration
+
+    epochs, iterations = run.calibration_schedule
+    folder = out / CALIBRATION_FOLDER
+    scratch = folder / f"scratch_{run.dataset_id}_{run.configuration}_seed{run.seed}_{device}"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    env = {**run.env, **schedule_env(epochs, iterations, 1), "nnUNet_results": str(scratch)}
+    env.pop("NNSSL_SAVE_EVERY", None)
+    log = folder / f"{run.dataset_id}_{run.configuration}_seed{run.seed}_{device}_{trainer}.log"
+    try:
+        _run([sys.executable, "-m", "nnssl.benchmark.launch", str(scratch / "memory.json"), "nnUNetv2_train",
+              str(run.dataset_id), run.configuration, run.fold, "-tr", trainer, "-device", device], env, log)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    seconds = calibration_seconds_per_iteration(log.read_text())
+    if not seconds > 0:
+        raise RuntimeError(f"no 'train seconds/iteration' in {log}")
+    return seconds
+
+
+def calibrate(run: DatasetRun, trainers: list[str], out: Path, device: str) -> dict[str, float]:
+    """trainer -> seconds per iteration for the labeled-only reference and ``trainers``: the saved calibration,
+    with the ones it lacks measured and added (a trainer whose calibration fails is left out)."""
+    from nnssl.benchmark.budget import save_calibration
+
+    path, key, seconds = calibration_of(run, out, device)
+    for trainer in dict.fromkeys([BASELINE, *trainers]):
+        if trainer in seconds:
+            continue
+        print(f"nnssl_benchmark: speed calibration ({run.label}): {trainer}, "
+              f"{run.calibration_schedule[0]} epochs x {run.calibration_schedule[1]} iterations")
+        try:
+            seconds[trainer] = _calibrate_one(run, trainer, out, device)
+        except RuntimeError as e:
+            print(f"nnssl_benchmark: speed calibration of {trainer} failed: {e}", file=sys.stderr)
+            continue
+        save_calibration(path, key, seconds)
+    return seconds
+
+
+EQUAL_TIME_RESULTS = "equal_time"  # subfolder of nnUNet_results with the models of the time-budget rows
+PSEUDO_LABEL_TIME_SKIP = (f"not run at equal time: its stage 1 is the {BASELINE} run, which alone uses the whole "
+                          f"budget, so within it the recipe is labeled-only (gap closed 0 by construction); see "
+                          f"nnssl.benchmark.budget")
+
+
+def time_budget_run(run: DatasetRun, trainer: str, seconds: dict[str, float]) -> tuple[DatasetRun, float, str]:
+    """(``run`` with ``trainer``'s equal-time schedule, the applied scale of its iterations per epoch, the row's
+    note); ValueError without a calibration of both."""
+    import dataclasses
+
+    from nnssl.benchmark.budget import speed_ratio, time_budget_env
+
+    missing = [t for t in (BASELINE, trainer) if t not in seconds]
+    if missing:
+        raise ValueError(f"no speed calibration of {', '.join(missing)}")
+    ratio = speed_ratio(seconds[BASELINE], seconds[trainer])
+    env, iterations, scaled = time_budget_env(run.env, ratio)
+    if env.get("nnUNet_results"):  # its own models: the equal-iteration model of the trainer stays where it was
+        env["nnUNet_results"] = str(Path(env["nnUNet_results"]) / EQUAL_TIME_RESULTS)
+    epochs, its = run.calibration_schedule
+    note = (f"equal time: {scaled} instead of {iterations} iterations per epoch (x{scaled / iterations:.3f}; "
+            f"calibration {epochs} epochs x {its} iterations: {BASELINE} {seconds[BASELINE]:.4f} s/iter, this "
+            f"trainer {seconds[trainer]:.4f} s/iter, ratio {ratio:.3f})")
+    return dataclasses.replace(run, env=env), scaled / iterations, note
+
+
+def _row_plan(run: DatasetRun, trainer: str, budget: str, seconds: dict[str, float] | None
+              ) -> tuple[DatasetRun, float | None, str | None]:
+    """(the run of the row, its time scale, its budget note) for ``trainer`` under ``budget``."""
+    if budget == ITERATIONS:
+        return run, None, None
+    return time_budget_run(run, trainer, seconds or {})
+
+
+def reusable_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool,
+                  budget: str = ITERATIONS, seconds: dict[str, float] | None = None) -> dict[str, RunResult]:
+    """trainer -> its finished row of an earlier run with the same key (same data, schedule, options, budget);
+    under the time budget only trainers with a calibration (``seconds``) can have one."""
     from nnssl.benchmark.resume import load_row
 
-    found = {t: load_row(out, row_key_of(run, t, device, disable_tta), RunResult) for t in trainers}
+    found = {}
+    for trainer in trainers:
+        if budget != ITERATIONS and is_pseudo_label_row(trainer):
+            continue
+        try:
+            row_run, _, _ = _row_plan(run, trainer, budget, seconds)
+        except ValueError:
+            continue
+        found[trainer] = load_row(out, row_key_of(row_run, trainer, device, disable_tta, budget), RunResult)
     return {t: r for t, r in found.items() if r is not None}
 
 
-def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool,
-             results: list[RunResult], start: float, full_skip: str | None = None) -> None:
-    """Every row of ``run`` in order, appended to ``results`` (tables rewritten after each): a finished row of an
-    earlier run with the same key is reused, every other one computed and saved under ``out/rows``."""
-    from nnssl.benchmark.resume import row_file, save_row
+def rows_to_compute(run: DatasetRun, trainers: list[str], budgets: list[str], out: Path, device: str,
+                    disable_tta: bool) -> int:
+    """How many rows of ``run`` under ``budgets`` have no finished row to reuse (the pseudo-label row at equal time,
+    which is never run, not counted)."""
+    missing = 0
+    for budget in dict.fromkeys([ITERATIONS, *budgets]):
+        mine = budget_trainers(trainers, budget, budgets)
+        if budget != ITERATIONS:
+            mine = [t for t in mine if not is_pseudo_label_row(t)]
+        seconds = calibration_of(run, out, device)[2] if budget != ITERATIONS else None
+        missing += len(mine) - len(reusable_rows(run, mine, out, device, disable_tta, budget, seconds))
+    return missing
 
-    reusable = reusable_rows(run, trainers, out, device, disable_tta)
+
+def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool,
+             results: list[RunResult], start: float, full_skip: str | None = None, budget: str = ITERATIONS) -> None:
+    """Every row of ``run`` under ``budget`` in order, appended to ``results`` (tables rewritten after each): a
+    finished row of an earlier run with the same key is reused, every other one computed and saved under
+    ``out/rows``. Under the time budget ``trainers`` are the SSL rows; the speed calibration runs first (saved,
+    reused)."""
+    from nnssl.benchmark.resume import load_row, row_file, save_row
+
+    seconds = None
+    timed = [t for t in trainers if not is_pseudo_label_row(t) and not is_reference(t)]
+    if budget != ITERATIONS and timed:
+        seconds = calibrate(run, timed, out, device)
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
     for trainer in trainers:
-        key = row_key_of(run, trainer, device, disable_tta)
-        if trainer in reusable:
-            print(f"nnssl_benchmark: reusing finished row {row_file(out, key).name} ({run.label}: {trainer})")
-            results.append(reusable[trainer])
+        if budget != ITERATIONS and is_pseudo_label_row(trainer):
+            print(f"nnssl_benchmark: {trainer} @ equal time skipped ({run.label}): {PSEUDO_LABEL_TIME_SKIP}")
+            results.append(RunResult(trainer, _dataset_name(run), run.seed, schedule=schedule_text(run.env),
+                                     skipped=PSEUDO_LABEL_TIME_SKIP, budget=budget))
+            write_outputs(results, out)
+            continue
+        try:
+            row_run, scale, budget_note = _row_plan(run, trainer, budget, seconds)
+        except ValueError as e:
+            results.append(RunResult(trainer, _dataset_name(run), run.seed, schedule=schedule_text(run.env),
+                                     error=str(e), budget=budget))
+            write_outputs(results, out)
+            continue
+        key = row_key_of(row_run, trainer, device, disable_tta, budget)
+        reused = load_row(out, key, RunResult)
+        label = trainer if budget == ITERATIONS else f"{trainer} @ equal {budget}"
+        if reused is not None:
+            print(f"nnssl_benchmark: reusing finished row {row_file(out, key).name} ({run.label}: {label})")
+            results.append(reused)
             continue
         if trainer == FULL_REFERENCE and full_skip:
             print(f"nnssl_benchmark: {FULL_REFERENCE} skipped ({run.label}): {full_skip}")
-            from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
             results.append(RunResult(FULL_REFERENCE, maybe_convert_to_dataset_name(run.dataset_id), run.seed,
                                      schedule=schedule_text(run.env), skipped=full_skip))
             continue
-        print(f"[{time.time() - start:.0f} s] {run.label}: {trainer}")
-        result = run_trainer(trainer, run.dataset_id, run.configuration, run.fold, run.env, out, device, run.seed,
-                             run.pl_round, disable_tta, run.full_id)
+        print(f"[{time.time() - start:.0f} s] {run.label}: {label}")
+        result = run_trainer(trainer, row_run.dataset_id, row_run.configuration, row_run.fold, row_run.env, out,
+                             device, row_run.seed, row_run.pl_round, disable_tta, row_run.full_id,
+                             "" if budget == ITERATIONS else f"_equal_{budget}")
+        if budget != ITERATIONS:
+            result.budget, result.time_scale = budget, scale
+            result.notes = "; ".join(n for n in (budget_note, result.notes) if n)
         save_row(out, key, result)
         results.append(result)
         write_outputs(results, out)
+
+
+def _dataset_name(run: DatasetRun) -> str:
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    os.environ.update({k: run.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+                       if k in run.env})
+    return maybe_convert_to_dataset_name(run.dataset_id)
 
 
 def raw_folder(env: dict[str, str], dataset_id: int) -> Path:
@@ -759,6 +972,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--full-dataset-id", type=int, default=None,
                         help=f"id of the fully labeled dataset of the {FULL_REFERENCE} row (with -d; replaced on every "
                              f"run; default: a free id in 900..999, reused on reruns)")
+    parser.add_argument("--budget", choices=BUDGETS, default=ITERATIONS,
+                        help="iterations (default): every row trains the schedule; time: every SSL row trains as "
+                             f"long as {BASELINE} on it (iterations per epoch scaled by a short speed calibration, "
+                             "saved under OUTPUT/calibration); both: both sets of rows (the references are shared)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,
                      help="predict the test set without mirroring (nnUNetv2_predict --disable_tta; default with "
@@ -792,10 +1009,15 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if any(is_pseudo_label_row(t) for t in trainers) and BASELINE not in trainers:
         print(f"nnssl_benchmark: the pseudo-label row fine-tunes the {BASELINE} model, so {BASELINE} runs too")
+    if args.budget != ITERATIONS and BASELINE not in trainers:
+        print(f"nnssl_benchmark: the time budget is the {BASELINE} run's time, so {BASELINE} runs too")
+        trainers = [BASELINE, *trainers]
     trainers = order_rows(trainers, full_reference=not args.no_full_reference)
     min_voxels = args.pl_min_voxels if args.pl_min_voxels is not None else (
         SYNTHETIC_PL_MIN_VOXELS if args.synthetic else 2000)
     disable_tta = not predict_with_mirroring(args.tta, args.synthetic)
+    budgets = budgets_of(args.budget)
+    calibration_schedule = SMOKE_CALIBRATION_SCHEDULE if args.smoke else CALIBRATION_SCHEDULE
     start = time.time()
     results: list[RunResult] = []
     if args.synthetic:
@@ -814,16 +1036,19 @@ def main(argv: list[str] | None = None) -> None:
                 run = DatasetRun(dataset_id, configuration, args.f, env_run, seed, synthetic_data_text(spec, seed),
                                  PseudoLabelRound(dataset_id + SYNTHETIC_PL_OFFSET, min_voxels),
                                  dataset_id + SYNTHETIC_FULL_OFFSET,
-                                 f"seed {seed} dataset {dataset_id} {configuration}")
-                if len(reusable_rows(run, trainers, out, device, disable_tta)) < len(trainers):
+                                 f"seed {seed} dataset {dataset_id} {configuration}", calibration_schedule)
+                if rows_to_compute(run, trainers, budgets, out, device, disable_tta):
                     make_synthetic(root, spec, seed)  # deterministic in (spec, seed): a rerun makes the same data
-                run_rows(run, trainers, out, device, disable_tta, results, start)
+                for budget in dict.fromkeys([ITERATIONS, *budgets]):
+                    run_rows(run, budget_trainers(trainers, budget, budgets), out, device, disable_tta, results,
+                             start, budget=budget)
     else:
         if args.smoke:
             env.update(schedule_env(args.epochs or 1, args.iterations or 2, 1, args.lr))
         else:  # the trainers' own schedules (nnU-Net's 1000 x 250; 40 epochs of fine-tuning) unless given
             env.update(schedule_env(args.epochs, args.iterations, None, args.lr))
-        run = DatasetRun(args.d, args.c, args.f, env, 0, raw_data_text(env, args.d), label=f"dataset {args.d} {args.c}")
+        run = DatasetRun(args.d, args.c, args.f, env, 0, raw_data_text(env, args.d), label=f"dataset {args.d} {args.c}",
+                         calibration_schedule=calibration_schedule)
         if any(is_pseudo_label_row(t) for t in trainers):
             run.pl_round = PseudoLabelRound(pseudo_label_dataset_id(out, args.d, args.c, args.f, env,
                                                                     args.pl_dataset_id), min_voxels)
@@ -838,7 +1063,9 @@ def main(argv: list[str] | None = None) -> None:
                 if run.pl_round is not None and run.full_id == run.pl_round.new_dataset_id:
                     raise InputError(f"--full-dataset-id {run.full_id} is the pseudo-labeled dataset's id")
                 print(f"nnssl_benchmark: the fully labeled dataset of {FULL_REFERENCE} is {run.full_id}")
-        run_rows(run, trainers, out, device, disable_tta, results, start, full_skip)
+        for budget in dict.fromkeys([ITERATIONS, *budgets]):
+            run_rows(run, budget_trainers(trainers, budget, budgets), out, device, disable_tta, results, start,
+                     full_skip, budget)
     rows = write_outputs(results, out)
     print(markdown_table(rows))
     print(f"on {device}: {time.time() - start:.0f} s in all; tables in {out}")
