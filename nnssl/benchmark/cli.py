@@ -42,10 +42,12 @@ under both budgets: ``both``) and are paired with the equal-iteration bars in be
 is not run under equal time: its stage 1 is the labeled-only run and uses the whole budget (see the budget module).
 Time-budget rows are saved under ``rows/`` with the budget and their scaled schedule in the key.
 
-``--synthetic`` generates a class-imbalanced 3D multi-organ set (few labeled, many unlabeled with withheld labels,
-a labeled test set) and a 2D ultrasound-like set, and runs every seed in ``--seeds`` (default: seed 0) with the CPU
-presets of ``SYNTHETIC_SCHEDULES``, predicting without mirroring; ``--smoke`` shrinks everything to seconds (used by
-the test suite).
+``--synthetic`` generates the datasets of ``--preset`` (:mod:`nnssl.benchmark.presets`; default: the converged
+label-efficiency preset ``cardiac2d``) and runs every seed in ``--seeds`` (default: seed 0) with the preset's CPU
+schedule, predicting without mirroring; ``--smoke`` shrinks everything to seconds (used by the test suite). Every row
+that trained on a fold with validation cases keeps nnU-Net's per-epoch validation Dice; ``learning_curves_*.png``
+plots them per dataset and seed, and benchmark.md says whether the fully supervised reference plateaued and how far
+labeled-only stays below it (:mod:`nnssl.benchmark.curves`).
 """
 
 from __future__ import annotations
@@ -67,6 +69,14 @@ import numpy as np
 
 from nnssl.benchmark.budget import BUDGETS, CALIBRATION_SCHEDULE, ITERATIONS, SMOKE_CALIBRATION_SCHEDULE, budgets_of
 from nnssl.benchmark.full_reference import missing_withheld_labels
+from nnssl.benchmark.presets import (
+    DEFAULT_PRESETS,
+    FULL_OFFSET,
+    PL_OFFSET,
+    PRESETS,
+    SMOKE_PRESET,
+    SyntheticPreset,
+)
 from nnssl.errors import InputError, report_user_errors
 
 BASELINE = "nnUNetTrainerSupervised"
@@ -85,22 +95,10 @@ PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
 # the fully supervised reference: BASELINE trained on the labeled + unlabeled cases with their withheld labels
 FULL_REFERENCE = "FullySupervised"
 FULL_REFERENCE_REGISTRY = "full_reference_datasets.json"
-# synthetic sets 960 (3D) / 961 (2D): pseudo-labeled datasets at +2 (962/963), fully labeled ones at +4 (964/965)
-SYNTHETIC_PL_OFFSET, SYNTHETIC_FULL_OFFSET = 2, 4
 # The FLARE22 rule (every organ >= 2000 voxels) is meant for CT volumes of ~10^7 voxels. On the synthetic 3D set
 # (adrenal 4-12 voxels) a stage-1 model trained for the CPU preset never predicts the adrenal, so any positive
 # threshold selects no case (measured at 1.5x voxel size: 0 of 16 at 20 voxels); the synthetic preset keeps every case.
 SYNTHETIC_PL_MIN_VOXELS = 0
-# The synthetic 3D set is sampled at 1.75x the default voxel size (18x27x27 voxels, patch 18x28x28) so that every
-# trainer fits the CPU time budget: at 1.5x (21x32x32, patch 24x32x32) the 3D half of one seed took 16 min on 2
-# cores, its training iterations 11 min; 1.75x halves the seconds per iteration of the two-network trainers (CPS
-# 0.365 -> 0.153 in one run), and one seed of both sets takes about 18 min.
-# Per synthetic set unless --epochs / --iterations / --lr are given: (epochs, iterations per epoch, initial lr of
-# the trainers on nnU-Net's SGD). With nnU-Net's lr 0.01 the narrow CPU network predicts only background for the
-# first ~250 3D iterations; at 0.05 the liver appears after 120-200 (measured, seed 0; when is random: one
-# baseline run was still all-background after 160).
-SYNTHETIC_3D_VOXEL_SCALE = 1.75
-SYNTHETIC_SCHEDULES = {"3d_fullres": (5, 40, 0.05), "2d": (4, 50, None)}
 
 
 @dataclass
@@ -121,6 +119,8 @@ class RunResult:
     skipped: str | None = None  # why the row was not run (the full reference without withheld labels)
     budget: str = "iterations"  # "iterations" or "time" (nnssl.benchmark.budget)
     time_scale: float | None = None  # under the time budget: scaled / schedule iterations per epoch
+    curve: dict[str, list[float]] | None = None  # nnU-Net's per-epoch validation Dice (nnssl.benchmark.curves)
+    iterations_per_epoch: int | None = None
 
 
 def check_trainers(names: list[str]) -> list[str]:
@@ -207,6 +207,14 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
           configuration, "-f", fold, "-tr", trainer, "-device", device, "-npp", workers, "-nps", workers, *tta],
          env, log)
     memory = json.loads(mem_file.read_text())
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    from nnssl.benchmark.curves import read_curve
+
+    fold_dir = (Path(env["nnUNet_results"]) / maybe_convert_to_dataset_name(dataset_id)
+                / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}")
+    result.curve = read_curve(fold_dir)
+    result.iterations_per_epoch = int(env.get("NNSSL_ITERATIONS_PER_EPOCH") or 250)
     result.max_rss_mb = memory["max_rss_mb"]
     result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
     result.seconds_per_iteration = seconds_per_iteration(log.read_text())
@@ -650,7 +658,9 @@ def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows(rows)
     os.replace(tmp, out / "benchmark.csv")
-    atomic_write_text(out / "benchmark.md", markdown_table(rows))
+    curve_lines = write_learning_curves(results, out)
+    atomic_write_text(out / "benchmark.md", markdown_table(rows) + (
+        "\n\n## Convergence of the references\n\n" + "\n".join(curve_lines) + "\n" if curve_lines else ""))
     bar_plot(rows, out / "benchmark.png")
     gap_plot(rows, out / "benchmark_gap.png")
     return rows
@@ -909,35 +919,40 @@ def order_rows(trainers: list[str], full_reference: bool) -> list[str]:
     return trainers
 
 
-def synthetic_specs(smoke: bool) -> list[tuple[int, str, str, int, int, int]]:
-    """(dataset id, kind, configuration, labeled, unlabeled, test) of the generated sets."""
-    # the same ids for every seed (each seed has its own nnUNet_raw), so the rows of the seeds average together
-    if smoke:
-        return [(960, "3d", "3d_fullres", 5, 3, 1)]
-    return [(960, "3d", "3d_fullres", 4, 16, 6), (961, "2d", "2d", 6, 24, 10)]
-
-
-def synthetic_data_text(spec: tuple, seed: int) -> str:
-    """The generated data of ``spec`` and ``seed``, for the row keys (the generator is deterministic in them)."""
-    dataset_id, kind, _, n_l, n_u, n_t = spec
-    scale = SYNTHETIC_3D_VOXEL_SCALE if kind == "3d" else 1.0
-    return f"synthetic {kind} id {dataset_id} labeled {n_l} unlabeled {n_u} test {n_t} voxel scale {scale} seed {seed}"
-
-
-def make_synthetic(root: Path, spec: tuple, seed: int) -> None:
-    """Generate, plan and preprocess one synthetic set of ``spec`` for ``seed`` under ``root``."""
+def make_synthetic(root: Path, preset: SyntheticPreset, seed: int) -> None:
+    """Generate, plan and preprocess the dataset of ``preset`` for ``seed`` under ``root``."""
     from nnssl.plans_tools import shrink_network
     from nnssl.synthetic import make_synthetic_dataset
 
-    dataset_id, kind, configuration, n_l, n_u, n_t = spec
-    raw = make_synthetic_dataset(root / "nnUNet_raw", dataset_id, kind, n_labeled=n_l, n_unlabeled=n_u,
-                                 n_test=n_t, seed=seed, overwrite=True,
-                                 voxel_scale=SYNTHETIC_3D_VOXEL_SCALE if kind == "3d" else 1.0)
+    raw = make_synthetic_dataset(root / "nnUNet_raw", preset.dataset_id, preset.kind, n_labeled=preset.n_labeled,
+                                 n_unlabeled=preset.n_unlabeled, n_test=preset.n_test, n_val=preset.n_val, seed=seed,
+                                 overwrite=True, voxel_scale=preset.voxel_scale)
     env = {**os.environ, "nnUNet_raw": str(root / "nnUNet_raw"),
            "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"), "nnUNet_n_proc_DA": "2"}
-    _run(["nnssl_plan_and_preprocess", "-d", str(dataset_id), "-c", configuration, "-np", "2"], env,
-         root / f"plan_{dataset_id}.log")
+    _run(["nnssl_plan_and_preprocess", "-d", str(preset.dataset_id), "-c", preset.configuration, "-np", "2"], env,
+         root / f"plan_{preset.dataset_id}.log")
     shrink_network(root / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json")
+
+
+def write_learning_curves(results: list[RunResult], out: Path) -> list[str]:
+    """``learning_curves_<dataset>_seed<s>.png`` for every dataset and seed whose rows have curves; returns the
+    convergence lines (fully supervised reference vs labeled-only) for benchmark.md."""
+    from nnssl.benchmark.curves import convergence_check, convergence_text, plot_curves
+
+    lines = []
+    groups: dict[tuple[str, int], list[RunResult]] = {}
+    for r in results:
+        if r.curve and r.curve.get("ema_fg_dice") and r.budget == ITERATIONS:
+            groups.setdefault((r.dataset, r.seed), []).append(r)
+    for (dataset, seed), rows in sorted(groups.items()):
+        by_trainer = {r.trainer: r for r in rows}
+        check = convergence_check(getattr(by_trainer.get(BASELINE), "curve", None),
+                                  getattr(by_trainer.get(FULL_REFERENCE), "curve", None))
+        lines.append(f"- {dataset} seed {seed}: {convergence_text(check)}")
+        plot_curves({_short(r.trainer): r.curve for r in rows}, rows[0].iterations_per_epoch or 250,
+                    out / f"learning_curves_{dataset}_seed{seed}.png",
+                    f"{dataset} seed {seed}: validation Dice per epoch (thin) and its EMA (thick)")
+    return lines
 
 
 @report_user_errors("nnssl_benchmark")
@@ -947,7 +962,11 @@ def main(argv: list[str] | None = None) -> None:
     src.add_argument("-d", type=int, help="dataset id (planned with nnssl_plan_and_preprocess)")
     src.add_argument("--synthetic", action="store_true", help="generate the synthetic 3D and 2D sets")
     parser.add_argument("-c", default="3d_fullres", help="configuration (with -d)")
-    parser.add_argument("-f", default="all", help="fold (default: all labeled cases)")
+    parser.add_argument("-f", default=None,
+                        help="fold (default: all labeled cases; a preset with validation cases: fold 0, which "
+                             "trains on all labeled cases and validates on them)")
+    parser.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=None,
+                        help=f"synthetic presets (default: {' '.join(DEFAULT_PRESETS)}; nnssl.benchmark.presets)")
     parser.add_argument("--trainers", nargs="+", default=None,
                         help=f"default: {BASELINE} and every nnssl trainer")
     parser.add_argument("--epochs", type=int, default=None)
@@ -984,9 +1003,13 @@ def main(argv: list[str] | None = None) -> None:
                      help="predict the test set with nnU-Net's mirroring (default with -d)")
     args = parser.parse_args(argv)
     if args.synthetic and args.pl_dataset_id is not None:
-        parser.error("--pl-dataset-id is for -d; the synthetic sets use 962 (3D) and 963 (2D)")
+        parser.error(f"--pl-dataset-id is for -d; a synthetic preset uses its id + {PL_OFFSET}")
     if args.synthetic and args.full_dataset_id is not None:
-        parser.error("--full-dataset-id is for -d; the synthetic sets use 964 (3D) and 965 (2D)")
+        parser.error(f"--full-dataset-id is for -d; a synthetic preset uses its id + {FULL_OFFSET}")
+    if args.preset and not args.synthetic:
+        parser.error("--preset goes with --synthetic")
+    if not args.synthetic:
+        args.f = args.f or "all"
 
     import torch
 
@@ -1021,24 +1044,25 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     results: list[RunResult] = []
     if args.synthetic:
+        presets = [SMOKE_PRESET] if args.smoke else [PRESETS[n] for n in (args.preset or DEFAULT_PRESETS)]
         for seed in args.seeds:
             root = out / f"data_seed{seed}"
             env_seed = {**env, "nnUNet_raw": str(root / "nnUNet_raw"),
                         "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"),
                         "nnUNet_results": str(root / "nnUNet_results")}
-            for spec in synthetic_specs(args.smoke):
-                dataset_id, configuration = spec[0], spec[2]
-                epochs, iterations, lr = (1, 2, None) if args.smoke else SYNTHETIC_SCHEDULES[configuration]
-                env_run = {**env_seed, **schedule_env(args.epochs or epochs, args.iterations or iterations,
-                                                      1 if args.smoke else 2, args.lr or lr)}
-                # fixed ids of the derived datasets (each seed has its own nnUNet_raw): 960 -> 962 (pseudo-labeled)
-                # and 964 (fully labeled), 961 -> 963 and 965
-                run = DatasetRun(dataset_id, configuration, args.f, env_run, seed, synthetic_data_text(spec, seed),
-                                 PseudoLabelRound(dataset_id + SYNTHETIC_PL_OFFSET, min_voxels),
-                                 dataset_id + SYNTHETIC_FULL_OFFSET,
-                                 f"seed {seed} dataset {dataset_id} {configuration}", calibration_schedule)
+            for preset in presets:
+                dataset_id, configuration = preset.dataset_id, preset.configuration
+                env_run = {**env_seed, **schedule_env(args.epochs or preset.epochs,
+                                                      args.iterations or preset.iterations, preset.val_iterations,
+                                                      args.lr or preset.lr)}
+                # fixed ids of the derived datasets (each seed has its own nnUNet_raw): pseudo-labeled id + PL_OFFSET,
+                # fully labeled id + FULL_OFFSET
+                run = DatasetRun(dataset_id, configuration, args.f or preset.fold, env_run, seed,
+                                 preset.data_text(seed), PseudoLabelRound(dataset_id + PL_OFFSET, min_voxels),
+                                 dataset_id + FULL_OFFSET, f"seed {seed} {preset.name} ({dataset_id} {configuration})",
+                                 calibration_schedule)
                 if rows_to_compute(run, trainers, budgets, out, device, disable_tta):
-                    make_synthetic(root, spec, seed)  # deterministic in (spec, seed): a rerun makes the same data
+                    make_synthetic(root, preset, seed)  # deterministic in (preset, seed): a rerun makes the same data
                 for budget in dict.fromkeys([ITERATIONS, *budgets]):
                     run_rows(run, budget_trainers(trainers, budget, budgets), out, device, disable_tta, results,
                              start, budget=budget)
