@@ -931,7 +931,8 @@ def make_synthetic(root: Path, preset: SyntheticPreset, seed: int) -> None:
            "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"), "nnUNet_n_proc_DA": "2"}
     _run(["nnssl_plan_and_preprocess", "-d", str(preset.dataset_id), "-c", preset.configuration, "-np", "2"], env,
          root / f"plan_{preset.dataset_id}.log")
-    shrink_network(root / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json")
+    if preset.narrow:
+        shrink_network(root / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json")
 
 
 def write_learning_curves(results: list[RunResult], out: Path) -> list[str]:
