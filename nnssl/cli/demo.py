@@ -1,156 +1,254 @@
-"""``nnssl_demo``: the whole nnssl workflow on an embedded synthetic dataset, through the real CLIs.
+"""``nnssl_demo``: does unlabeled data help? One semi-supervised trainer against both references, explained.
 
-1. writes a synthetic 3D multi-organ dataset in the raw-format contract (few labeled, more unlabeled cases);
-2. ``nnssl_plan_and_preprocess`` (nnU-Net's fingerprint/plans/preprocessing + the unlabeled cases);
-3. ``nnUNetv2_train`` with the supervised baseline and with Mean Teacher, same labeled cases, same schedule;
-4. ``nnUNetv2_predict`` on imagesTs and the nnssl evaluation;
-5. prints a per-class Dice table of both models side by side.
+A thin layer over ``nnssl_benchmark --synthetic --preset cardiac2d`` (:mod:`nnssl.benchmark.cli`, run in this
+process): the converged 2D cardiac-MRI-like preset (RV, MYO, LV; 3 labeled, 40 unlabeled whose labels are withheld,
+20 test and 10 validation slices; 25 epochs x 40 iterations) is generated, planned and preprocessed, and three
+models are trained with the same plans and schedule and scored on the test slices:
 
-On CPU the network is narrowed (8..64 features instead of 32..320) so the demo finishes in minutes; on a GPU
-(``--device cuda``) nnU-Net's planned network is kept unless ``--narrow`` is given.
+- labeled-only: ``nnUNetTrainerSupervised`` (nnU-Net) on the 3 labeled slices;
+- one SSL trainer (``--trainer``, default ``nnUNetTrainerMeanTeacher``) on the 3 labeled + 40 unlabeled slices;
+- fully supervised: the same nnU-Net on all 43 slices with their true labels (the benchmark's reference row).
+
+It then prints per-class Dice and gap closed = (Dice SSL - Dice labeled-only) / (Dice full - Dice labeled-only)
+in a short table with a few sentences on what they mean. Everything the benchmark writes (benchmark.md/csv/json,
+learning curves, the gap plot, logs, data, models) is in ``--work-dir``; a rerun with the same folder and options
+reuses the finished rows (``--overwrite`` starts over). Expected run time with the preset's schedule: about 10
+minutes on 2 idle CPU cores (:data:`CPU_SECONDS_PER_ITERATION`), far less on a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import io
+import json
 import re
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from tqdm import tqdm
+from nnssl.errors import InputError, report_user_errors
 
-DEMO_DATASET_ID = 990
-DEFAULT_TRAINERS = ("nnUNetTrainerSupervised", "nnUNetTrainerMeanTeacher")
-
-
-def _env(work: Path, args: argparse.Namespace) -> dict[str, str]:
-    from nnssl.cli.trainer_path import trainer_folder
-
-    env = dict(os.environ)
-    env.update({
-        "nnUNet_raw": str(work / "nnUNet_raw"),
-        "nnUNet_preprocessed": str(work / "nnUNet_preprocessed"),
-        "nnUNet_results": str(work / "nnUNet_results"),
-        "nnUNet_extTrainer": trainer_folder(),
-        "NNSSL_NUM_EPOCHS": str(args.epochs),
-        "NNSSL_ITERATIONS_PER_EPOCH": str(args.iterations_per_epoch),
-        "NNSSL_VAL_ITERATIONS_PER_EPOCH": "2",
-        "PYTHONUNBUFFERED": "1",
-    })
-    if args.device == "cpu":
-        env.setdefault("nnUNet_n_proc_DA", "0")  # background workers only compete for 2 cores on CPU
-        env.setdefault("nnUNet_def_n_proc", "1")
-    return env
+PRESET = "cardiac2d"
+DEFAULT_TRAINER = "nnUNetTrainerMeanTeacher"
+# Rough cost on 2 idle CPU cores (cardiac2d plans, narrowed network): labeled-only and the fully supervised reference
+# ~0.05-0.08 s per iteration, an SSL trainer 2-3x that; plus data generation, planning, preprocessing, prediction.
+CPU_SECONDS_PER_ITERATION = 0.065
+SSL_COST_FACTOR = 2.5
+CPU_OVERHEAD_SECONDS = 120
 
 
-def _run(cmd: list[str], env: dict[str, str], log: Path, desc: str, total_epochs: int | None = None) -> None:
-    """Run a console script, keep its full output in ``log``, show a progress bar (epochs when training)."""
-    unit = "epoch" if total_epochs else "step"
-    with open(log, "w", encoding="utf-8") as f, tqdm(total=total_epochs, desc=desc, unit=unit, leave=True) as bar:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, encoding="utf-8",
-                                errors="replace")
-        for line in proc.stdout:
-            f.write(line)
-            if total_epochs and re.search(r": Epoch time:", line):
-                bar.update()
-        rc = proc.wait()
-        if not total_epochs:
-            bar.update()
-    if rc != 0:
-        tail = log.read_text().splitlines()[-30:]
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {rc}); full log: {log}\n" + "\n".join(tail))
+def short_name(trainer: str) -> str:
+    return trainer.replace("nnUNetTrainer", "") or trainer
 
 
-def format_dice_table(results: dict[str, dict[str, float]], class_names: list[str]) -> str:
-    """Rows = classes (+ mean), columns = trainers, plus the gain of the last trainer over the first."""
-    trainers = list(results)
-    head = ["class", *trainers] + (["gain"] if len(trainers) > 1 else [])
-    rows = []
-    for name in [*class_names, "mean"]:
-        values = [results[t][name] for t in trainers]
-        row = [name, *(f"{v:.3f}" for v in values)]
-        if len(trainers) > 1:
-            row.append(f"{values[-1] - values[0]:+.3f}")
-        rows.append(row)
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+def _preset():
+    from nnssl.benchmark.presets import PRESETS
+
+    return PRESETS[PRESET]
+
+
+def estimated_cpu_minutes(epochs: int, iterations: int) -> float:
+    """Minutes on 2 idle CPU cores for the three rows on ``epochs`` x ``iterations``."""
+    return (epochs * iterations * CPU_SECONDS_PER_ITERATION * (2 + SSL_COST_FACTOR) + CPU_OVERHEAD_SECONDS) / 60
+
+
+def demo_rows(rows: list[dict], trainer: str) -> list[tuple[str, dict | None]]:
+    """(label, benchmark row or None) of labeled-only, ``trainer`` and the fully supervised reference, from the
+    ``rows`` of benchmark.json."""
+    from nnssl.benchmark.cli import BASELINE, FULL_REFERENCE
+
+    p = _preset()
+    by_trainer = {r["trainer"]: r for r in rows if r.get("budget", "iterations") in ("iterations", "both")}
+    return [(f"labeled-only ({p.n_labeled} labeled)", by_trainer.get(BASELINE)),
+            (f"{short_name(trainer)} ({p.n_labeled} labeled + {p.n_unlabeled} unlabeled)", by_trainer.get(trainer)),
+            (f"fully supervised ({p.n_labeled + p.n_unlabeled} labeled)", by_trainer.get(FULL_REFERENCE))]
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.0f} %"
+
+
+def format_dice_table(rows: list[dict], trainer: str) -> str:
+    """Rows = the three models, columns = per-class Dice, their mean and gap closed (references: 0 % and 100 % by
+    definition)."""
+    picked = demo_rows(rows, trainer)
+    classes = list(dict.fromkeys(k[5:] for _, r in picked if r for k in r
+                                 if k.startswith("dice_") and k not in ("dice_mean", "dice_seed_spread")))
+    head = ["model", *classes, "mean", "gap closed"]
+    table = []
+    for i, (label, r) in enumerate(picked):
+        if r is None or "dice_mean" not in r:
+            why = "skipped" if r and r.get("skipped") else "failed (see its log)" if r else "missing"
+            table.append([label, *([""] * len(classes)), why, ""])
+            continue
+        gap = {0: "0 % (reference)", 2: "100 % (reference)"}.get(i, _percent(r.get("gap_closed")))
+        table.append([label, *(f"{r[f'dice_{c}']:.3f}" for c in classes), f"{r['dice_mean']:.3f}", gap])
+    widths = [max(len(row[i]) for row in [head, *table]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" if i == 0 else f"{{:>{w}}}" for i, w in enumerate(widths))
-    lines = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*r) for r in rows]
+    return "\n".join([fmt.format(*head), fmt.format(*("-" * w for w in widths)), *(fmt.format(*r) for r in table)])
+
+
+def explanation(rows: list[dict], trainer: str, work: Path, more_seeds_command: str) -> str:
+    """The sentences under the table: what each row is, what gap closed means, how noisy one seed is, where the
+    rest is."""
+    from nnssl.benchmark.gap import GAP_MIN_DENOMINATOR
+
+    p = _preset()
+    (_, base), (_, mine), (_, full) = demo_rows(rows, trainer)
+    name = short_name(trainer)
+    dice = {k: r.get("dice_mean") if r else None for k, r in (("base", base), ("mine", mine), ("full", full))}
+    lines = [
+        f"Labeled-only is nnU-Net trained on the {p.n_labeled} labeled slices alone; fully supervised is the same "
+        f"nnU-Net trained on all {p.n_labeled + p.n_unlabeled} slices with their true labels, i.e. what labeling the "
+        f"{p.n_unlabeled} unlabeled slices would give.",
+    ]
+    gap = mine.get("gap_closed") if mine else None
+    if gap is not None and gap == gap:
+        lines.append(
+            f"Gap closed is the share of the difference between the two ({dice['base']:.3f} -> {dice['full']:.3f}) "
+            f"that {name} recovers from the {p.n_unlabeled} unlabeled slices without their labels: 0 % = no better "
+            f"than labeled-only, 100 % = as good as labeling everything, below 0 = worse than labeled-only; here "
+            f"{_percent(gap)}.")
+    elif None in dice.values():
+        lines.append(f"Gap closed (the share of the difference between the two references that {name} recovers "
+                     f"from unlabeled slices) is n/a here because a row failed; its log is in {work}.")
+    else:
+        lines.append(
+            f"Gap closed (the share of the difference between the two references that {name} recovers from "
+            f"unlabeled slices) is n/a here: the fully supervised model is not at least {GAP_MIN_DENOMINATOR} Dice "
+            f"above labeled-only, so there is no gap to close (a schedule this short cannot use the labels).")
+    lines += [
+        f"This is one seed (one draw of the data and one initialisation), so it is noisy, as seeds move these "
+        f"numbers by several Dice points; for a 95 % confidence interval over seeds run `{more_seeds_command}` (it "
+        f"reuses this seed's rows).",
+        f"The full tables (NSD, paired test, seconds per iteration, memory) are in {work / 'benchmark.md'} (and "
+        f".csv, .json), the learning curves in {work}/learning_curves_*.png, the gap plot in "
+        f"{work / 'benchmark_gap.png'}, the training logs in {work}/*.log.",
+    ]
     return "\n".join(lines)
 
 
+class _HideTable(io.TextIOBase):
+    """Forwards whole lines to ``stream`` until the benchmark's own wide markdown table starts (``### ...``)."""
+
+    def __init__(self, stream):
+        self.stream, self.hiding, self.pending = stream, False, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            self.hiding = self.hiding or line.startswith("### ")
+            if not self.hiding:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+        return len(text)
+
+
+def _follow_training(work: Path, since: float, epochs: int, stream, stop: threading.Event) -> None:
+    """Every fifth of the schedule, the epoch and the validation Dice of the row now training (from its log)."""
+    step, seen = max(1, epochs // 5), {}
+    while True:
+        stopping = stop.wait(2.0)
+        for log in sorted(work.glob("*.log"), key=lambda f: f.stat().st_mtime):
+            if log.stat().st_mtime < since:
+                continue
+            text = log.read_text(errors="replace")
+            done = len(re.findall(r": Epoch time:", text))
+            dice = [re.sub(r"np\.float\d+\(|\)", "", line.split("Pseudo dice", 1)[1])
+                    for line in text.splitlines() if "Pseudo dice" in line]
+            for epoch in range(seen.get(log, 0) + 1, done + 1):
+                if epoch % step and epoch != epochs:
+                    continue
+                values = [float(v) for v in re.findall(r"nan|-?\d+(?:\.\d+)?(?:e-?\d+)?", dice[epoch - 1])] \
+                    if epoch <= len(dice) else []
+                values = [v for v in values if v == v]
+                val = f", validation Dice {sum(values) / len(values):.3f}" if values else ""
+                stream.write(f"    epoch {epoch}/{epochs}{val}\n")
+                stream.flush()
+            seen[log] = done
+        if stopping:
+            return
+
+
+@report_user_errors("nnssl_demo")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Run nnssl end to end on an embedded synthetic dataset: Mean "
-                                                 "Teacher next to supervised nnU-Net on the same labeled cases.")
-    parser.add_argument("--work-dir", default="nnssl_demo_work", help="output folder (default: ./nnssl_demo_work)")
+    p = _preset()
+    parser = argparse.ArgumentParser(
+        description=f"Does unlabeled data help? Trains nnU-Net on the {p.n_labeled} labeled slices of a synthetic "
+                    f"cardiac MRI set, one semi-supervised trainer on them + {p.n_unlabeled} unlabeled slices, and "
+                    f"nnU-Net with all {p.n_labeled + p.n_unlabeled} labels, then explains the Dice table "
+                    f"(nnssl_benchmark --synthetic --preset {PRESET}). About 10 minutes on 2 CPU cores.")
+    parser.add_argument("--work-dir", default="nnssl_demo_work",
+                        help="output folder (default: ./nnssl_demo_work); a rerun reuses its finished rows")
+    parser.add_argument("--overwrite", action="store_true", help="delete the work dir first and start over")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--epochs", type=int, default=8)
-    parser.add_argument("--iterations-per-epoch", type=int, default=40)
-    parser.add_argument("--labeled", type=int, default=4)
-    parser.add_argument("--unlabeled", type=int, default=16)
-    parser.add_argument("--test", type=int, default=6)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--trainers", nargs="+", default=list(DEFAULT_TRAINERS))
-    parser.add_argument("--narrow", action="store_true", help="narrow the network also on GPU")
-    parser.add_argument("--overwrite", action="store_true", help="delete an existing work dir first")
+    parser.add_argument("--trainer", default=DEFAULT_TRAINER,
+                        help=f"the semi-supervised trainer (default: {DEFAULT_TRAINER}; any nnssl_benchmark "
+                             f"trainer, e.g. nnUNetTrainerCPS)")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default: the preset's {p.epochs}")
+    parser.add_argument("--iterations-per-epoch", type=int, default=None,
+                        help=f"default: the preset's {p.iterations}")
+    parser.add_argument("--seed", type=int, default=0, help="data and initialisation seed (default: 0)")
     args = parser.parse_args(argv)
 
+    import contextlib
     import shutil
 
     import torch
 
-    from nnssl.evaluation.evaluate import evaluate_folders
-    from nnssl.plans_tools import shrink_network
-    from nnssl.synthetic import make_synthetic_dataset
+    from nnssl.benchmark.cli import BASELINE, FULL_REFERENCE
+    from nnssl.benchmark.cli import main as benchmark
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.trainer in (BASELINE, FULL_REFERENCE):
+        parser.error(f"--trainer: choose a semi-supervised trainer; {BASELINE} and {FULL_REFERENCE} always run")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    epochs, iterations = args.epochs or p.epochs, args.iterations_per_epoch or p.iterations
     work = Path(args.work_dir).resolve()
-    if work.exists():
-        if not args.overwrite:
-            raise SystemExit(f"{work} exists; pass --overwrite to replace it or --work-dir to choose another")
+    written_by_demo = (work / "benchmark.json").is_file() or (work / "rows").is_dir()
+    if work.exists() and any(work.iterdir()) and not written_by_demo:
+        # only a folder the demo (the benchmark) wrote is reused or deleted, never a user's own folder
+        raise InputError(f"--work-dir {work} exists and is not a folder nnssl_demo wrote (no benchmark.json or rows/); "
+                         "choose another --work-dir")
+    if args.overwrite and work.exists():
         shutil.rmtree(work)
-    (work / "logs").mkdir(parents=True)
-    env = _env(work, args)
+    reuse = work.exists()
+    work.mkdir(parents=True, exist_ok=True)
+
+    schedule = [*(["--epochs", str(args.epochs)] if args.epochs else []),
+                *(["--iterations", str(args.iterations_per_epoch)] if args.iterations_per_epoch else [])]
+    bench = ["--synthetic", "--preset", PRESET, "--seeds", str(args.seed), "-o", str(work), "-device", device,
+             "--trainers", BASELINE, args.trainer, *schedule]
+    cost = f"; about {estimated_cpu_minutes(epochs, iterations):.0f} minutes on 2 idle CPU cores" \
+        if device == "cpu" else ""
+    print(f"nnssl_demo: {p.description}; 3 models ({short_name(BASELINE)} = labeled-only, "
+          f"{short_name(args.trainer)}, {FULL_REFERENCE}), {epochs} epochs x {iterations} iterations each, on "
+          f"{device}{cost}.\nnnssl_demo: the same as `nnssl_benchmark {' '.join(bench)}`; everything goes to {work}"
+          + (" (finished rows are reused; --overwrite starts over)" if reuse else ""))
+    if epochs * iterations < p.epochs * p.iterations:
+        print(f"nnssl_demo: note: the preset converges in {p.epochs} x {p.iterations} iterations; numbers from a "
+              f"shorter schedule say little")
+
     start = time.time()
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_training, args=(work, start, epochs, sys.stdout, stop), daemon=True)
+    follower.start()
+    try:
+        with contextlib.redirect_stdout(_HideTable(sys.stdout)):
+            benchmark(bench)
+    finally:
+        stop.set()
+        follower.join()
 
-    print(f"[1/4] synthetic dataset ({args.labeled} labeled, {args.unlabeled} unlabeled, {args.test} test) in {work}")
-    raw = make_synthetic_dataset(work / "nnUNet_raw", DEMO_DATASET_ID, "3d", n_labeled=args.labeled,
-                                 n_unlabeled=args.unlabeled, n_test=args.test, seed=args.seed)
-    print("[2/4] nnssl_plan_and_preprocess")
-    _run(["nnssl_plan_and_preprocess", "-d", str(DEMO_DATASET_ID), "-c", "3d_fullres", "-np", "2"],
-         {**env, "nnUNet_n_proc_DA": "2"}, work / "logs" / "plan_and_preprocess.log", "plan + preprocess")
-    if args.device == "cpu" or args.narrow:
-        shrink_network(work / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json")
-
-    print(f"[3/4] training {len(args.trainers)} trainers, {args.epochs} x {args.iterations_per_epoch} iterations "
-          f"each, on {args.device}")
-    for trainer in args.trainers:
-        _run(["nnUNetv2_train", str(DEMO_DATASET_ID), "3d_fullres", "all", "-tr", trainer, "-device", args.device],
-             env, work / "logs" / f"train_{trainer}.log", trainer, total_epochs=args.epochs)
-
-    print("[4/4] predicting imagesTs and evaluating")
-    import json
-
-    dataset_json = json.loads((raw / "dataset.json").read_text())
-    results = {}
-    for trainer in args.trainers:
-        pred = work / "predictions" / trainer
-        _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(DEMO_DATASET_ID), "-c",
-              "3d_fullres", "-f", "all", "-tr", trainer, "-device", args.device, "-npp", "1", "-nps", "1"],
-             env, work / "logs" / f"predict_{trainer}.log", f"predict {trainer}")
-        summary = evaluate_folders(pred, raw / "labelsTs", dataset_json["labels"], progress=False)
-        per_class = {name: stats["dice"]["mean"] for name, stats in summary["per_class"].items()}
-        per_class["mean"] = summary["foreground_mean"]["dice"]
-        results[trainer] = per_class
-
-    class_names = [n for n in dataset_json["labels"] if n != "background"]
-    print(f"\nPer-class Dice on {args.test} synthetic test cases ({args.labeled} labeled cases, "
-          f"{args.epochs * args.iterations_per_epoch} iterations each; {time.time() - start:.0f} s in all):\n")
-    print(format_dice_table(results, class_names))
-    print(f"\nEverything (datasets, checkpoints, logs, predictions) is in {work}")
+    rows = json.loads((work / "benchmark.json").read_text())["rows"]
+    seeds = " ".join(map(str, sorted({args.seed, 0, 1, 2})))
+    more = f"nnssl_benchmark {' '.join(bench).replace(f'--seeds {args.seed}', f'--seeds {seeds}')}"
+    print(f"\nDice (overlap of the predicted and the true structure: 0 = none, 1 = perfect) on the {p.n_test} test "
+          f"slices; seed {args.seed}, {epochs} epochs x {iterations} iterations per model; this run took "
+          f"{time.time() - start:.0f} s.\n")
+    print(format_dice_table(rows, args.trainer))
+    print()
+    print(explanation(rows, args.trainer, work, more))
 
 
 if __name__ == "__main__":
