@@ -1,6 +1,6 @@
 """ACDC (cine-MRI, RV / MYO / LV) -> nnU-Net raw format, ED and ES frames, patient-level splits.
 
-Raw layout (LAYOUTS.md section 3): ``[database/]training/patientXXX/`` (and ``testing/`` or ``testing/testing/``)
+Raw layout (docs/datasets.md): ``[database/]training/patientXXX/`` (and ``testing/`` or ``testing/testing/``)
 with ``Info.cfg`` (``ED: 1``, ``ES: 12``, ...), ``patientXXX_frameYY.nii.gz`` and ``patientXXX_frameYY_gt.nii.gz``;
 the frame numbers come from Info.cfg, the ``_4d`` cine file is ignored. Zipped downloads are read as well.
 
@@ -14,7 +14,8 @@ has ground truth for ``testing/`` (then those 50 patients are the test set). ``-
 SSL4MIS (= BCP = SDCL) lists: 70 train patients (first 3/7 labeled, default 7), 20 test patients, and the
 10 validation patients written to ``imagesVal/labelsVal`` and listed under ``val`` in ssl_split.json, kept out of
 both training and the test metric, as the papers use them only for model selection. Published ids
-``patientXXX_frame01``/``frame02`` are read as ED/ES (LAYOUTS.md; the usual reading, not verifiable from the lists).
+``patientXXX_frame01``/``frame02`` are read as ED/ES (docs/datasets.md; the usual reading, not verifiable from the
+lists).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """AMOS22 (abdominal CT + MRI, 15 organs) -> nnU-Net raw format, with the unlabeled CT release when present.
 
-Raw layout (LAYOUTS.md section 2), folders found anywhere under RAW_DIR, extracted or zipped (``amos22.zip``)::
+Raw layout (docs/datasets.md), folders found anywhere under RAW_DIR, extracted or zipped (``amos22.zip``)::
 
     amos22/imagesTr/amos_0001.nii.gz + labelsTr/amos_0001.nii.gz   training pool (200 CT + 40 MRI)
     amos22/imagesVa/ [+ labelsVa/]                                 validation release -> test set

@@ -1,6 +1,6 @@
 """BUSI (breast ultrasound, 2D, lesion masks) -> nnU-Net raw format as natural 2D images.
 
-Raw layouts accepted (LAYOUTS.md section 5):
+Raw layouts accepted (docs/datasets.md):
 
 - Kaggle ``Dataset_BUSI_with_GT/{benign,malignant,normal}/``: ``benign (1).png`` with ``benign (1)_mask.png`` and,
   for multifocal lesions, ``benign (1)_mask_1.png``, ``_mask_2.png`` ...: all masks of an image are merged by

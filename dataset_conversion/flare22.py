@@ -1,6 +1,6 @@
 """FLARE22 (MICCAI FLARE 2022, abdominal CT, 13 organs) -> nnU-Net raw format with 2000 real unlabeled CTs.
 
-Raw layout (LAYOUTS.md section 1), found by file name anywhere under RAW_DIR, so every folder-name variant works
+Raw layout (docs/datasets.md), found by file name anywhere under RAW_DIR, so every folder-name variant works
 (``FLARE22_LabeledCase50``, ``FLARE_LabeledCase50``, Google-Drive ``...-20220324T003930Z-001``,
 ``FLARE22_UnlabeledCase1-1000``, ``Training/Unlabeled``, ...), extracted or still zipped
 (``images.zip``/``labels.zip``, ``Training/*.zip``)::
@@ -104,7 +104,7 @@ def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
 
 def convert_flare22(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
                     options: ConversionOptions | None = None) -> SSLSplit:
-    """Convert a FLARE22 download (any variant of LAYOUTS.md) into ``output_dir``; returns the written split."""
+    """Convert a FLARE22 download (any variant in docs/datasets.md) into ``output_dir``; returns the written split."""
     options = options or ConversionOptions()
     check_output_dir(output_dir, options.overwrite, raw_dir)
     return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options, raw_dir)

@@ -1,6 +1,6 @@
 """LA (2018 Atrial Segmentation Challenge, LGE-MRI, left atrium) -> nnU-Net raw format.
 
-Two raw layouts are accepted (LAYOUTS.md section 4), both with one folder per case named by its 20-character id:
+Two raw layouts are accepted (docs/datasets.md), both with one folder per case named by its 20-character id:
 
 - the challenge download: ``Training Set/<ID>/lgemri.nrrd`` + ``laendo.nrrd`` (label 255 -> 1; the folder may also
   be spelled ``2018LA_Seg_Training Set``, ``2018LA_Seg_TrainingSet``, ...; extra files such as ``desktop.ini`` or

@@ -1,6 +1,6 @@
 """NIH Pancreas-CT (TCIA, 80 of 82 cases, binary pancreas) as used by CoraNet/BCP/SDCL -> nnU-Net raw format.
 
-Raw layouts accepted (LAYOUTS.md section 7), files found by name anywhere under RAW_DIR:
+Raw layouts accepted (docs/datasets.md), files found by name anywhere under RAW_DIR:
 
 - images as DICOM series ``Pancreas-CT/PANCREAS_0001/<study>/<series>/*.dcm`` (NBIA download, read with
   SimpleITK's GDCM series reader; one series per case), or as NIfTI ``data/PANCREAS_0001.nii.gz``;

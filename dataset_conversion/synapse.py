@@ -1,6 +1,6 @@
 """Synapse multi-organ CT (BTCV "Beyond the Cranial Vault", 13 organs as in DHC) -> nnU-Net raw format.
 
-Raw layouts accepted (LAYOUTS.md section 6), files found by name anywhere under RAW_DIR, zipped or not:
+Raw layouts accepted (docs/datasets.md), files found by name anywhere under RAW_DIR, zipped or not:
 
 - ``RawData/Training/img/img0001.nii.gz`` + ``RawData/Training/label/label0001.nii.gz`` (30 cases, 0001-0010 and
   0021-0040); ``RawData/Testing/img`` or ``Test/img`` (20 cases without labels) is not converted;

@@ -1,7 +1,7 @@
-"""Class-imbalance debiasing weights: DHC's DistDW and DiffDW (SPEC §4.2-4.3, Wang & Li, MICCAI 2023) and
-GuidedNet's knowledge-transfer weights for KT-CPS (SPEC §3.2 item 8), plus DHC's class-weighted soft Dice.
+"""Class-imbalance debiasing weights: DHC's DistDW and DiffDW (docs/methods/dhc.md, Wang & Li, MICCAI 2023) and
+GuidedNet's knowledge-transfer weights for KT-CPS (docs/methods/guidednet.md), plus DHC's class-weighted soft Dice.
 
-Each weighting class keeps a ``(K,)`` state that must be saved with the checkpoint (SPEC §8): use
+Each weighting class keeps a ``(K,)`` state that must be saved with the checkpoint (docs/methods/README.md): use
 ``state_dict()`` / ``load_state_dict()``. Weights live on the device of the last ``update`` input.
 """
 
@@ -44,7 +44,7 @@ def _as_counts(class_counts: torch.Tensor | np.ndarray | list, name: str) -> tor
 
 
 def distribution_aware_weights(class_counts: torch.Tensor) -> torch.Tensor:
-    """DHC DistDW weights (SPEC §4.3, §4.5 property 1):
+    """DHC DistDW weights (docs/methods/dhc.md):
 
         P_k = (n_max + 1e-8) / (n_k + 1e-8),   w_k = K · log P_k / max_k' log P_k'
 
@@ -86,7 +86,7 @@ def per_class_hard_dice(prediction: torch.Tensor, target: torch.Tensor, num_clas
 
 
 class DistributionAwareWeighting:
-    """DHC DistDW (SPEC §4.3): ``w ← m·w + (1−m)·distribution_aware_weights(hist(ŷ_u))`` with m = 0.99.
+    """DHC DistDW (docs/methods/dhc.md): ``w ← m·w + (1−m)·distribution_aware_weights(hist(ŷ_u))`` with m = 0.99.
 
     Initialised from the voxel histogram of the labelled training labels (DHC: full volumes, before cropping).
     ``update`` takes model B's hard pseudo-labels of the unlabelled sub-batch and returns the new weights.
@@ -115,7 +115,7 @@ class DistributionAwareWeighting:
 
 
 class KnowledgeTransferWeighting:
-    """GuidedNet KT-CPS weights (SPEC §3.2 item 8): DistDW on the histogram of *correctly* predicted labelled
+    """GuidedNet KT-CPS weights (docs/methods/guidednet.md): DistDW on the histogram of *correctly* predicted labelled
     voxels; wrongly predicted voxels are counted as background (class 0). EMA momentum 0.99.
 
     GuidedNet keeps ONE shared state for both networks and updates it sequentially (net 1, then net 2):
@@ -149,7 +149,7 @@ class KnowledgeTransferWeighting:
 
 
 class DifficultyAwareWeighting:
-    """DHC DiffDW (SPEC §4.3, §4.5 property 2), β = (accumulate_iters − 1)/accumulate_iters (0.98 for 50).
+    """DHC DiffDW (docs/methods/dhc.md), β = (accumulate_iters − 1)/accumulate_iters (0.98 for 50).
 
     Per call, with ``d`` = :func:`per_class_hard_dice` of argmax(z_l^A) vs y (all K classes)::
 
@@ -229,7 +229,7 @@ class DifficultyAwareWeighting:
 
 def weighted_soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None,
                             do_bg: bool = False, batch_dice: bool = True, smooth: float = 1.0) -> torch.Tensor:
-    """DHC's class-weighted soft Dice (SPEC §4.2; nnU-Net-v1 ``SoftDiceLoss`` with a weight)::
+    """DHC's class-weighted soft Dice (docs/methods/dhc.md; nnU-Net-v1 ``SoftDiceLoss`` with a weight)::
 
         p = softmax(z);  dc_k = (2 TP_k + smooth) / (2 TP_k + FP_k + FN_k + smooth + 1e-8)
         loss = −mean_k (w_k · dc_k)      over k ≥ 1 unless do_bg (negative Dice, not 1 − Dice)

@@ -10,8 +10,9 @@ import torch
 
 from nnssl.io import atomic_write_json
 
-# None of MT, CPS, DHC, GuidedNet, SDCL or MGCC thresholds its pseudo-labels (SPEC section 7), so the fraction of
-# confident voxels is a diagnostic at the threshold FixMatch/UniMatch use (0.95) unless a trainer names its own.
+# None of MT, CPS, DHC, GuidedNet, SDCL or MGCC thresholds its pseudo-labels (docs/methods/README.md), so the
+# fraction of confident voxels is a diagnostic at the threshold FixMatch/UniMatch use (0.95) unless a trainer names its
+# own.
 DEFAULT_CONFIDENCE_THRESHOLD = 0.95
 
 

@@ -1,4 +1,4 @@
-"""Exponential moving average ("Mean Teacher") of a student network (SPEC sections 1, 5.1 and 8).
+"""Exponential moving average ("Mean Teacher") of a student network (docs/methods/mean_teacher.md, sdcl.md).
 
 SSL4MIS rule, applied after every optimiser step with ``step`` = the iteration counter starting at 0::
 

@@ -1,4 +1,4 @@
-"""GuidedNet "3D-CGMM" math (SPEC section 3.2, items 2-7) and a literal class-conditional GMM variant.
+"""GuidedNet "3D-CGMM" math (docs/methods/guidednet.md) and a literal class-conditional GMM variant.
 
 Two things live here:
 
@@ -114,7 +114,7 @@ def _presence_weighted_class_mean(per_class: Tensor, present: Tensor) -> Tensor:
 
 
 def class_prototypes(features: Tensor, labels: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """Per-sample class prototypes of labelled features (SPEC 3.2 item 2; ``tools.cal_protypes``).
+    """Per-sample class prototypes of labelled features (docs/methods/guidednet.md; ``tools.cal_protypes``).
 
     ``mu_{i,k} = sum_{v: y_i(v)=k} f_i(v) / (|{v: y_i(v)=k}| + 1e-6)`` and ``c_{i,k} = 1[k in y_i]``.
     Absent classes get ``mu = 0`` and ``c = 0``. Label ids outside ``[0, K)`` are ignored.
@@ -184,7 +184,7 @@ class _MeanAbsDistance(torch.autograd.Function):
 
 
 def kernel_responsibility(features: Tensor, prototypes: Tensor, present: Tensor | None = None) -> Tensor:
-    """GuidedNet "Gaussian" responsibility map (SPEC 3.2 item 3; ``tools.GMM`` / ``tools.GMM_predict``).
+    """GuidedNet "Gaussian" responsibility map (docs/methods/guidednet.md; ``tools.GMM`` / ``tools.GMM_predict``).
 
     ``d_k(v) = (1/C) sum_c |f(v)_c - mu_{k,c}|`` and ``r_k(v) = exp(-d_k(v)^2) * c_k``, so ``r in (0, 1]`` with
     ``r_k(v) = 1`` iff ``f(v) = mu_k``. With ``present`` (labelled branch, ``tools.GMM``) absent classes are set
@@ -219,7 +219,7 @@ def kernel_responsibility(features: Tensor, prototypes: Tensor, present: Tensor 
 
 
 def labeled_gmm_loss(probs: Tensor, responsibility: Tensor, labels: Tensor, present: Tensor) -> Tensor:
-    """``loss1 + loss2`` of GuidedNet's labelled GMM loss (SPEC 3.2 item 4; ``tools.cal_gmm_loss``).
+    """``loss1 + loss2`` of GuidedNet's labelled GMM loss (docs/methods/guidednet.md; ``tools.cal_gmm_loss``).
 
     With ``c`` the presence mask of the sample and ``BCE(t, q) = -t log(q + 1e-6) - (1 - t) log(1 - q + 1e-6)``:
 
@@ -258,7 +258,7 @@ def labeled_gmm_loss(probs: Tensor, responsibility: Tensor, labels: Tensor, pres
 
 
 def unlabeled_gmm_loss(probs_u: Tensor, responsibility_u: Tensor, present: Tensor) -> Tensor:
-    """GuidedNet unlabelled GMM loss (SPEC 3.2 item 6; ``tools.gmm_loss``), the pseudo-label "rectification".
+    """GuidedNet unlabelled GMM loss (docs/methods/guidednet.md; ``tools.gmm_loss``), the pseudo-label "rectification".
 
     ``mean_v [ sum_k c_k * BCE(r^u_k(v), p^u_k(v)) / 2 / (sum_k c_k + 1e-6) ]``: unlabelled probabilities are pulled
     towards the kernel map built from the paired labelled sample's prototypes. ``present`` must already be aligned
@@ -279,7 +279,7 @@ def unlabeled_gmm_loss(probs_u: Tensor, responsibility_u: Tensor, present: Tenso
 
 
 def prototype_repulsion(prototypes: Tensor, present: Tensor, batch_mean: bool = False) -> Tensor:
-    """GuidedNet ``proto_loss`` (SPEC 3.2 item 5): repulsion between batch-level class prototypes.
+    """GuidedNet ``proto_loss`` (docs/methods/guidednet.md): repulsion between batch-level class prototypes.
 
     ``m_k = (sum_i mu_{i,k}) * n_k / (n_k + 1e-6)`` with ``n_k = sum_i c_{i,k}``, then
     ``L = mean_{a<b, n_a>0, n_b>0} exp(-(mean_c |m_a - m_b|)^2)``; 0 when fewer than two classes are present.
@@ -315,7 +315,7 @@ def prototype_repulsion(prototypes: Tensor, present: Tensor, batch_mean: bool = 
 
 
 def pair_unlabeled_with_labeled(n_unlabeled: int, n_labeled: int, device: torch.device | str | None = None) -> Tensor:
-    """Index of the labelled sample whose prototypes guide each unlabelled sample (SPEC 3.2 item 3).
+    """Index of the labelled sample whose prototypes guide each unlabelled sample (docs/methods/guidednet.md).
 
     The official ``tools.GMM_predict`` pairs unlabelled j with labelled j and so requires equal sub-batch sizes.
     Here ``pair[j] = j mod n_labeled``: identical to the official pairing when the sizes are equal, and with more
@@ -333,7 +333,7 @@ def pair_unlabeled_with_labeled(n_unlabeled: int, n_labeled: int, device: torch.
 
 
 def cross_network_kernel_consistency(r1: Tensor, r2: Tensor) -> Tensor:
-    """Cross-network kernel consistency (SPEC 3.2 item 7): ``mean((softmax_k(r1) - softmax_k(r2))^2)``.
+    """Cross-network kernel consistency (docs/methods/guidednet.md): ``mean((softmax_k(r1) - softmax_k(r2))^2)``.
 
     The softmax runs over the class axis (dim 1) of the two nets' labelled kernel maps; the mean is over all
     elements (N, K, *spatial). No detach on either side (official). The ramp weight is the caller's business.

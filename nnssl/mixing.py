@@ -1,9 +1,9 @@
-"""Bidirectional copy-paste (BCP) mixing used by SDCL (SPEC section 5.2; ``context_mask`` of BCP/SDCL).
+"""Bidirectional copy-paste (BCP) mixing used by SDCL (docs/methods/sdcl.md; ``context_mask`` of BCP/SDCL).
 
 One random box per iteration, shared by the whole batch: the mask ``M`` is 1 outside the box and 0 inside it.
 Mixing is ``a * M + b * (1 - M)``: ``a`` fills the outside, ``b`` is pasted into the box.
 
-SDCL/BCP mixes (SPEC 5.2), with L = labelled, U = unlabelled, GT = labels, PL = teacher pseudo-labels:
+SDCL/BCP mixes (docs/methods/sdcl.md), with L = labelled, U = unlabelled, GT = labels, PL = teacher pseudo-labels:
 
 - ``X_l = U_a * M + L_b * (1 - M)``, target ``Y_l = PL_a`` on M and ``GT_b`` on 1 - M;
 - ``X_u = L_a * M + U_b * (1 - M)``, target ``Y_u = GT_a`` on M and ``PL_b`` on 1 - M.
@@ -31,7 +31,7 @@ def bcp_mask(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """Random box mask (SPEC 5.2): float32 of ``spatial_shape``, 1 outside and 0 inside one box.
+    """Random box mask (docs/methods/sdcl.md): float32 of ``spatial_shape``, 1 outside and 0 inside one box.
 
     The box has ``int(size * ratio)`` voxels along each dim (as the official ``context_mask``). Its start is
     uniform in ``[0, size - box]`` inclusive. Deviation: the official code draws the start from
@@ -70,7 +70,7 @@ def _mask_for(mask: Tensor, like: Tensor, name: str) -> Tensor:
 
 
 def bcp_mix(img_a: Tensor, img_b: Tensor, mask: Tensor) -> Tensor:
-    """``img_a * M + img_b * (1 - M)`` (SPEC 5.2): ``img_a`` outside the box, ``img_b`` pasted inside.
+    """``img_a * M + img_b * (1 - M)`` (docs/methods/sdcl.md): ``img_a`` outside the box, ``img_b`` pasted inside.
 
     Exact selection (``torch.where``), not arithmetic, so the result equals the source voxels bit for bit
     (``a*1 + b*0`` would turn ``inf``/``nan`` in the other image into ``nan``).
@@ -133,7 +133,7 @@ def bidirectional_copy_paste(
     labeled_weight: float = 1.0,
     unlabeled_weight: float = 0.5,
 ) -> BCPBatch:
-    """Both BCP mixes of SDCL stage 2 (SPEC 5.2; ``LA_train.py`` self-train step).
+    """Both BCP mixes of SDCL stage 2 (docs/methods/sdcl.md; ``LA_train.py`` self-train step).
 
     ``X_l = U_a * M + L_b * (1 - M)``, ``X_u = L_a * M + U_b * (1 - M)``;
     ``Y_l = PL_a`` on M, ``GT_b`` on 1 - M; ``Y_u = GT_a`` on M, ``PL_b`` on 1 - M;

@@ -1,4 +1,4 @@
-"""Two-network helpers for cross pseudo supervision (SPEC section 2): the second initialisation and a module that
+"""Two-network helpers for cross pseudo supervision (docs/methods/cps.md): the second initialisation and a module that
 holds both networks and predicts with their averaged softmax.
 
 SSL4MIS ``train_cross_pseudo_supervision_3D.py`` and DHC ``train_cps.py`` initialise network 1 with kaiming-normal

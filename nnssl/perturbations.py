@@ -1,4 +1,4 @@
-"""MGCC feature perturbations for the auxiliary decoders (SPEC section 6.1; ``src/network/MGCC.py``).
+"""MGCC feature perturbations for the auxiliary decoders (docs/methods/mgcc.md; ``src/network/MGCC.py``).
 
 Each function takes one feature map (N, C, *spatial) (2D or 3D) and returns a perturbed map of the same shape
 and dtype. They are always active (the official code calls them only in the training forward, so gating by

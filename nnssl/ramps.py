@@ -1,4 +1,4 @@
-"""Ramp-up schedules for the weight of unsupervised loss terms (SPEC "Common ramp", sections 1, 2, 4.3 and 8).
+"""Ramp-up schedules for the weight of unsupervised loss terms (docs/methods/README.md, "Ramp-up").
 
 All reference repositories (SSL4MIS, GuidedNet, MGCC, DHC) use the same sigmoid-shaped ramp of Laine & Aila
 (arXiv 1610.02242). They differ only in the unit of time: SSL4MIS/GuidedNet/MGCC use ``iteration // 150``
@@ -21,7 +21,8 @@ def _check_length(rampup_length: float) -> None:
 
 
 def sigmoid_rampup(current: float, rampup_length: float) -> float:
-    """Sigmoid-shaped ramp ``r(t) = exp(-5 (1 - clip(t, 0, L)/L)^2)``, ``r = 1`` when ``L == 0`` (SPEC common ramp).
+    """Sigmoid-shaped ramp ``r(t) = exp(-5 (1 - clip(t, 0, L)/L)^2)``, ``r = 1`` when ``L == 0`` (Laine & Aila;
+    docs/methods/README.md).
 
     ``r(0) = e^-5 ≈ 0.006738`` and ``r(t) = 1`` for ``t >= L``.
     """

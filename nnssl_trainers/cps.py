@@ -1,4 +1,4 @@
-"""Cross pseudo supervision trainers (SPEC section 2): ``nnUNetTrainerCPS``, ``nnUNetTrainerCPS_wholeBatch``,
+"""Cross pseudo supervision trainers (docs/methods/cps.md): ``nnUNetTrainerCPS``, ``nnUNetTrainerCPS_wholeBatch``,
 ``nnUNetTrainerCPS_ensemble`` (predicts with both networks' averaged softmax) and ``export_cps_ensemble`` (turns a
 finished CPS run into an ensemble model folder)."""
 
@@ -21,13 +21,13 @@ from nnssl_trainers.base import nnUNetTrainerSSLBase, unwrap
 
 def argmax_agreement(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
     """``mean_v [argmax_k z_a[v] == argmax_k z_b[v]]``: fraction of voxels where both hard pseudo-labels agree
-    (CPS diagnostic, SPEC section 2). Logits ``(N, K, *spatial)``; returns a float32 scalar without a graph."""
+    (CPS diagnostic, docs/methods/cps.md). Logits ``(N, K, *spatial)``; returns a float32 scalar without a graph."""
     return (logits_a.detach().argmax(1) == logits_b.detach().argmax(1)).float().mean()
 
 
 def mean_pseudo_label_confidence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
     """``(mean_v max_k softmax(z_a)[v] + mean_v max_k softmax(z_b)[v]) / 2``: mean probability of the pseudo-label
-    class over both networks (CPS diagnostic, SPEC section 2). Returns a float32 scalar without a graph."""
+    class over both networks (CPS diagnostic, docs/methods/cps.md). Returns a float32 scalar without a graph."""
     conf_a = torch.softmax(logits_a.detach().float(), 1).amax(1).mean()
     conf_b = torch.softmax(logits_b.detach().float(), 1).amax(1).mean()
     return 0.5 * (conf_a + conf_b)
@@ -38,7 +38,7 @@ def cps_terms(logits_1: torch.Tensor, logits_2: torch.Tensor, n_labeled: int, cp
     """The unsupervised part of one CPS step on full-resolution logits of the batch ``[labeled; unlabeled]``.
 
     Returns ``(L_cps, agreement, confidence)`` with ``L_cps = CE(z_1, ŷ_2) + CE(z_2, ŷ_1)``, ``ŷ = argmax sg(z)``
-    (SPEC section 2) over the unlabeled samples ``[n_labeled:]`` (SSL4MIS) or the whole batch
+    (docs/methods/cps.md) over the unlabeled samples ``[n_labeled:]`` (SSL4MIS) or the whole batch
     (``cps_on_labeled``, DHC ``train_cps.py``); the diagnostics are always over the unlabeled samples.
     """
     if logits_1.shape != logits_2.shape:
@@ -105,7 +105,7 @@ def _as_list(output: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
 
 class nnUNetTrainerCPS(nnUNetTrainerSSLBase):
     """Cross pseudo supervision (Chen et al., CVPR 2021) as SSL4MIS ``train_cross_pseudo_supervision_3D.py`` runs it
-    (SPEC section 2).
+    (docs/methods/cps.md).
 
     Two networks of the plans' architecture: network 1 is ``self.network`` with nnU-Net's kaiming-normal init
     (``InitWeights_He``), network 2 the extra trainable network ``"network2"`` re-initialised xavier-normal with
@@ -187,7 +187,7 @@ class nnUNetTrainerCPS(nnUNetTrainerSSLBase):
 
 
 class nnUNetTrainerCPS_wholeBatch(nnUNetTrainerCPS):
-    """CPS on labeled + unlabeled patches, as DHC ``train_cps.py`` (SPEC section 2)."""
+    """CPS on labeled + unlabeled patches, as DHC ``train_cps.py`` (docs/methods/cps.md)."""
 
     cps_on_labeled = True
 

@@ -16,12 +16,12 @@ DISTDW_LOG = "distdw_network_b"
 
 class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
     """DHC, dual-debiased heterogeneous co-training (Wang & Li, MICCAI 2023; ``xmed-lab/DHC train_dhc.py``;
-    SPEC section 4).
+    docs/methods/dhc.md).
 
     Two networks of the plans' architecture, both with nnU-Net's kaiming (He) initialisation from different
     random draws, as ``train_dhc.py`` initialises both V-Nets with kaiming-normal: A = ``self.network``, weighted by
     DiffDW; B = extra trainable network ``"network_b"`` (own optimizer and lr schedule), weighted by DistDW.
-    Per iteration, on the batch ``x = [x_l; x_u]`` (SPEC 4.3)::
+    Per iteration, on the batch ``x = [x_l; x_u]`` (docs/methods/dhc.md)::
 
         w_A = DiffDW(argmax z_l^A, y)          difficulty: learn/unlearn EMAs of the per-class hard Dice,
                                                beta = 49/50 (accumulate 50), exponent 1/5, max weight K
@@ -32,8 +32,8 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
 
     DistDW starts from the voxel histogram of the ground truth of the fold's **labeled training cases** (nnU-Net's
     preprocessed segmentations of ``do_split()``'s training keys, full volumes; voxels outside nnU-Net's nonzero
-    mask (-1) count as background). Unlabeled cases never contribute labels. The SPEC 4.5 NaN guards live in the
-    core functions: uniform counts give ``K * ones`` (no 0/0), and a weighted CE whose pseudo-labels all carry
+    mask (-1) count as background). Unlabeled cases never contribute labels. The NaN guards (docs/methods/dhc.md) live
+    in the core functions: uniform counts give ``K * ones`` (no 0/0), and a weighted CE whose pseudo-labels all carry
     weight 0 (all-background batch with DistDW's background weight 0) returns 0 with zero gradients.
 
     Consistency ramp as DHC: per **epoch**, length = ``num_epochs`` (``cps_rampup_epochs`` overrides), weight
@@ -157,8 +157,8 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
 
     def update_class_weights(self, logits_a_labeled: torch.Tensor, target: torch.Tensor,
                              logits_b_unlabeled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DiffDW step from A's labeled logits and one DistDW step from B's unlabeled argmax (SPEC 4.3 steps
-        1-2); returns ``(w_A, w_B)``, each ``(K,)`` on the logits' device."""
+        """One DiffDW step from A's labeled logits and one DistDW step from B's unlabeled argmax (steps 1-2
+        of docs/methods/dhc.md); returns ``(w_A, w_B)``, each ``(K,)`` on the logits' device."""
         weights_a = self.difficulty_weighting.update(logits_a_labeled.detach(), target)
         weights_b = self.distribution_weighting.update(hard_pseudo_label(logits_b_unlabeled))
         return weights_a.to(logits_a_labeled.device), weights_b.to(logits_a_labeled.device)

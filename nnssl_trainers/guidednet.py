@@ -43,9 +43,9 @@ class DecoderFeatureTap:
     """Forward hook on the last decoder stage of a dynamic-network-architectures U-Net (``decoder.stages[-1]``).
 
     That stage's output is the full-resolution feature map fed to the segmentation head (``decoder.seg_layers[-1]``)
-    with ``decoder.features_per_stage[0]`` channels: GuidedNet's ``rep`` (SPEC 3.1). The hook only records while
-    :meth:`capture` is active, so validation / final inference of the trainer keep no extra reference, and it never
-    changes the output. ``nnUNetv2_predict`` builds the plain plans architecture and knows nothing of it.
+    with ``decoder.features_per_stage[0]`` channels: GuidedNet's ``rep`` (docs/methods/guidednet.md). The hook only
+    records while :meth:`capture` is active, so validation / final inference of the trainer keep no extra reference, and
+    it never changes the output. ``nnUNetv2_predict`` builds the plain plans architecture and knows nothing of it.
     """
 
     def __init__(self, network: nn.Module):
@@ -117,7 +117,7 @@ def flat_voxels(x: Tensor, spatial_ndim: int, index: Tensor | None) -> Tensor:
 
 
 class GuidanceTerms(NamedTuple):
-    """One network's GuidedNet "3D-CGMM" terms (SPEC 3.2 items 2-6)."""
+    """One network's GuidedNet "3D-CGMM" terms (docs/methods/guidednet.md)."""
 
     gmm_labeled: Tensor  # loss1 + loss2 of tools.cal_gmm_loss (item 4)
     prototype: Tensor  # proto_loss (item 5)
@@ -126,13 +126,13 @@ class GuidanceTerms(NamedTuple):
 
     @property
     def total(self) -> Tensor:
-        """``gmm_loss_l + gmm_loss_u`` of SPEC 3.2 item 9, with ``gmm_loss_l = loss1 + loss2 + proto_loss``."""
+        """``gmm_loss_l + gmm_loss_u`` (docs/methods/guidednet.md), ``gmm_loss_l = loss1 + loss2 + proto_loss``."""
         return self.gmm_labeled + self.prototype + self.gmm_unlabeled
 
 
 def guidance_terms(prototypes: Tensor, present: Tensor, features_l: Tensor, logits_l: Tensor, labels_l: Tensor,
                    features_u: Tensor, logits_u: Tensor, prototype_batch_mean: bool = True) -> GuidanceTerms:
-    """GuidedNet's labeled-feature guidance for one network (SPEC 3.2 items 3-6; gmm.py holds the formulas).
+    """GuidedNet's labeled-feature guidance for one network (docs/methods/guidednet.md; gmm.py holds the formulas).
 
     - ``r^l_{i,k} = exp(-d(f^l_i, mu_{i,k})^2) * c_{i,k}`` and ``r^u_j = exp(-d(f^u_j, mu_{pair(j)})^2)`` with
       ``pair(j) = j mod N_l`` (:func:`pair_unlabeled_with_labeled`, any sub-batch sizes);
@@ -166,7 +166,7 @@ def guidance_terms(prototypes: Tensor, present: Tensor, features_l: Tensor, logi
 
 def kt_cps_class_weights(weighting: KnowledgeTransferWeighting, logits_l1: Tensor, logits_l2: Tensor,
                          target: Tensor) -> tuple[Tensor, Tensor]:
-    """KT-CPS weights of one iteration (SPEC 3.2 item 8): ONE shared state updated sequentially,
+    """KT-CPS weights of one iteration (docs/methods/guidednet.md): ONE shared state updated sequentially,
     ``w_A = update(z_l^1, y)`` then ``w_B = update(z_l^2, y)`` (w_B has seen both nets' correct voxels)."""
     w_a = weighting.update(logits_l1, target)
     w_b = weighting.update(logits_l2, target)
@@ -175,7 +175,7 @@ def kt_cps_class_weights(weighting: KnowledgeTransferWeighting, logits_l1: Tenso
 
 def kt_cps_loss(logits1: Tensor, logits2: Tensor, w_a: Tensor, w_b: Tensor, pseudo1: Tensor | None = None,
                 pseudo2: Tensor | None = None) -> Tensor:
-    """``L_ktcps = CE_{w_B}(z^1, ŷ^2) + CE_{w_A}(z^2, ŷ^1)`` over the whole batch (SPEC 3.2 item 8).
+    """``L_ktcps = CE_{w_B}(z^1, ŷ^2) + CE_{w_A}(z^2, ŷ^1)`` over the whole batch (docs/methods/guidednet.md).
 
     The weights are CROSSED: net 1's term uses w_B (from net 2's correctness), net 2's uses w_A. Without explicit
     pseudo-labels ``ŷ^m = argmax sg(z^m)``; ``pseudo1`` / ``pseudo2`` (N, *spatial) replace them (the GMM-rectified
@@ -191,7 +191,7 @@ def kt_cps_loss(logits1: Tensor, logits2: Tensor, w_a: Tensor, w_b: Tensor, pseu
 
 def assemble_guidednet_loss(supervised: Sequence[Tensor], guidance: Sequence[Tensor], kernel_consistency: Tensor,
                             kt_cps: Tensor, lam: float, unsup_weight: float) -> Tensor:
-    """GuidedNet's total loss (SPEC 3.2 item 9), one backward through both networks::
+    """GuidedNet's total loss (docs/methods/guidednet.md), one backward through both networks::
 
         L = sum_m [ L_sup^m + lam * (G^m + w(t) * C) ] + w(t) * L_ktcps
 
@@ -217,7 +217,8 @@ def labeled_class_counts(dataset_class, folder: str, identifiers: Sequence[str],
 
     Only ids in ``[0, K)`` count: nnU-Net's ``-1`` (outside the nonzero mask) and the ignore label are skipped.
     This is the KT-CPS initial histogram taken from the labeled TRAINING cases of the fold, where the official code
-    reads ``train.txt[:42]``, which for AMOS-10% includes the labels of "unlabeled" cases (a leak; SPEC 3.3).
+    reads ``train.txt[:42]``, which for AMOS-10% includes the labels of "unlabeled" cases (a leak;
+    docs/methods/guidednet.md).
     """
     identifiers = list(identifiers)
     if not identifiers:
@@ -254,9 +255,10 @@ def gmm_rectified_pseudo_labels(logits_u: Tensor, features_u: Tensor, gmm: Diago
 
 class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
     """GuidedNet: labeled data guide unlabeled data (Zhao et al., ACM MM 2024), as its official code computes it
-    (SPEC section 3, ``kimjisoo12/GuidedNet train_guidedNet_flare.py`` + ``utils/tools.py``).
+    (docs/methods/guidednet.md, ``kimjisoo12/GuidedNet train_guidedNet_flare.py`` + ``utils/tools.py``).
 
-    Networks (SPEC 3.1): two instances of the plans' architecture trained together from one summed loss:
+    Networks (docs/methods/guidednet.md): two instances of the plans' architecture trained together from one summed
+    loss:
     ``self.network`` (nnU-Net's He/kaiming-normal init) and the trainable extra network ``"network2"``
     (xavier-normal init, :func:`xavier_normal_init_`), each with nnU-Net's optimizer and poly lr. Each exposes its
     last decoder feature map (output of ``decoder.stages[-1]``, the input of the segmentation head, ``f``) through a
@@ -265,8 +267,8 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
     ``network_weights``); net 2 is in the checkpoint under ``nnssl_state``. The base's ``pseudo_label_dice``
     diagnostic scores net 1 too (its pseudo-labels supervise net 2).
 
-    Loss per iteration (SPEC 3.2), labeled batch ``x_l, y`` and unlabeled batch ``x_u`` through both nets as one
-    batch, ``z^m, f^m = net_m([x_l; x_u])``, ``p = softmax(z)``:
+    Loss per iteration (docs/methods/guidednet.md), labeled batch ``x_l, y`` and unlabeled batch ``x_u`` through both
+    nets as one batch, ``z^m, f^m = net_m([x_l; x_u])``, ``p = softmax(z)``:
 
     - ``L_sup^m``: nnU-Net's Dice+CE with deep supervision on the labeled part;
     - prototypes ``mu_{i,k} = mean_{y_i(v)=k} f_i(v)`` per labeled sample and class, presence ``c_{i,k}``;
@@ -294,12 +296,12 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
       64x128x128, rot90/flip). The unlabeled batch gets nnU-Net's augmentation.
     - KT-CPS initial histogram: from the labeled training cases of the fold (nnU-Net dataset class, training keys
       of ``splits_final.json``) instead of ``train.txt[:42]``, which reads the labels of unlabeled cases for
-      AMOS-10% and misses labeled ones for AMOS-50% (SPEC 3.3 quirk).
+      AMOS-10% and misses labeled ones for AMOS-50% (docs/methods/guidednet.md quirk).
     - Pairing unlabeled with labeled samples works for any sub-batch sizes (``j mod N_l``); the official code needs
       ``labeled_bs == unlabeled_bs`` and is reproduced exactly when they are equal.
     - ``proto_loss`` uses the true batch mean of the per-sample prototypes (``prototype_batch_mean = True``); the
-      official ``m_k`` is ~ their SUM (multiplied where a division was meant, SPEC 3.2 item 5), which makes the
-      repulsion depend on how many labeled samples contain the class.
+      official ``m_k`` is ~ their SUM (multiplied where a division was meant, docs/methods/guidednet.md), which
+      makes the repulsion depend on how many labeled samples contain the class.
     - Bounded memory: prototypes come from every labeled voxel of the patch (a scatter-add, linear in the patch,
       so tiny organs are never missed), but kernel maps and the GMM losses run on a random subset of at most
       ``max_voxels_for_maps`` voxels per patch, shared by the batch and by both networks (the official code uses all

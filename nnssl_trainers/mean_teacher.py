@@ -7,7 +7,8 @@ from nnssl_trainers.base import nnUNetTrainerSSLBase, unwrap
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
-    """Mean Teacher (Tarvainen & Valpola 2017) as SSL4MIS ``train_mean_teacher_3D.py`` runs it (SPEC section 1).
+    """Mean Teacher (Tarvainen & Valpola 2017) as SSL4MIS ``train_mean_teacher_3D.py`` runs it
+    (docs/methods/mean_teacher.md).
 
     Student: ``self.network``, trained with nnU-Net's Dice+CE (deep supervision) on the labeled patches plus
     ``w(t) * mean((softmax(student(x_u)) - softmax(teacher(x_u + noise)))^2)`` on the unlabeled patches.

@@ -25,11 +25,11 @@ def _rows(output: Tensor | list[Tensor], rows: slice) -> Tensor | list[Tensor]:
 
 
 class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
-    """MGCC, multi-level global-context cross-consistency (Tang et al. 2023, arXiv 2305.09447; SPEC section 6),
+    """MGCC, multi-level global-context cross-consistency (Tang et al. 2023, arXiv 2305.09447; docs/methods/mgcc.md),
     stage 2 (semi-supervised segmentation) on nnU-Net's plans, 2D and 3D.
 
-    Network (SPEC 6.1; ``nnssl/networks/multi_decoder.py``): the plans' encoder, shared by one main and three
-    auxiliary decoders (the plans' ``UNetDecoder``), and three ConvMixer blocks CM1, CM2, CM3 on the bottleneck
+    Network (docs/methods/mgcc.md; ``nnssl/networks/multi_decoder.py``): the plans' encoder, shared by one main and
+    three auxiliary decoders (the plans' ``UNetDecoder``), and three ConvMixer blocks CM1, CM2, CM3 on the bottleneck
     x5 (each 3 layers of residual depthwise 7^d conv -> GELU -> norm, then 1x1 conv -> GELU -> norm). In training
     every decoder reads all encoder levels (skips included), each auxiliary decoder through its own perturbation:
 
@@ -39,7 +39,7 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
     - main <- clean [x1..x4, CM3(CM2(CM1(x5)))].
 
     Loss on a batch of labeled patches ``B_l`` and unlabeled patches ``B_u`` (concatenated, one encoder pass):
-    ``L = L_sup + lambda(t) L_cons`` (SPEC 6.2) with
+    ``L = L_sup + lambda(t) L_cons`` (docs/methods/mgcc.md) with
     ``L_sup = (1/4) sum_{d in main, aux1..3} DC_CE_ds(z_l^d, y)`` (nnU-Net's Dice+CE with deep supervision in
     place of the official BCE+Dice; the paper averages main and auxiliary supervised losses, and so does this
     trainer) and ``L_cons = (1/3) sum_i mean((P(z_u^main) - P(z_u^aux_i))^2)`` on the full-resolution unlabeled
@@ -88,8 +88,8 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
     augmentation (official: SGD 0.01, 256x256, 4+4 images, flips/rot90). One encoder and four decoders on the
     labeled + unlabeled batch need about 2.5 times the activation memory of one U-Net on that batch
     (``nnUNetTrainerMGCC_mainSupervisionOnly`` runs the auxiliary decoders on the unlabeled half only).
-    The perturbation order follows SPEC 6.1 (aux1 feature dropout, aux3 feature noise); the later official
-    snapshot swaps aux1 and aux3 (``nnUNetTrainerMGCC_snapshotOrder``).
+    The perturbation order is that of the snapshot read for docs/methods/mgcc.md (aux1 feature dropout, aux3 feature
+    noise); the later official snapshot swaps aux1 and aux3 (``nnUNetTrainerMGCC_snapshotOrder``).
     """
 
     consistency_weight: float = 7.0

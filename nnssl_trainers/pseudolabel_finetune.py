@@ -22,8 +22,8 @@ SEG_LAYER_KEY = ".seg_layers."  # the keys nnU-Net's load_pretrained_weights lea
 
 
 class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
-    """Stage 2 of the FLARE22 pseudo-labeling of Gao, Xu & Fei (SPEC §7): fine-tune the stage-1 model on the
-    labeled cases plus the selected pseudo-labeled cases (ids ``pl_*``, made by ``nnssl_pseudolabel``).
+    """Stage 2 of the FLARE22 pseudo-labeling of Gao, Xu & Fei (docs/methods/pseudolabel.md): fine-tune the stage-1
+    model on the labeled cases plus the selected pseudo-labeled cases (ids ``pl_*``, made by ``nnssl_pseudolabel``).
 
     Paper's Table 3, the defaults here: initialised from the stage-1 model (``-pretrained_weights``); Adam,
     lr 5e-5, no weight decay (none is listed); ``lr = 5e-5 * (1 - epoch/500)^0.9`` (the paper's formula, whose

@@ -1,4 +1,4 @@
-"""SDCL (Song & Wang, MICCAI 2024) on BCP bidirectional copy-paste as nnU-Net v2 trainers (SPEC section 5).
+"""SDCL (Song & Wang, MICCAI 2024) on BCP bidirectional copy-paste as nnU-Net v2 trainers (docs/methods/sdcl.md).
 
 The trainer :class:`nnUNetTrainerSDCL` documents the method, its defaults and every deviation. The module-level
 functions are the pieces its ``train_step`` is made of (second-student architecture, batch pairing, copy-paste
@@ -136,8 +136,8 @@ class MixedBatch(NamedTuple):
 
 def labeled_copy_paste(images: Tensor, targets: Sequence[Tensor], mask: Tensor, pairs: tuple[Tensor, Tensor]
                        ) -> MixedBatch:
-    """Stage-1 mix (SPEC 5.1): ``X = L_a ⊙ M + L_b ⊙ (1 − M)``, ``Y_i = GT_a,i ⊙ M_i + GT_b,i ⊙ (1 − M_i)`` for every
-    deep-supervision target ``i`` (``M_i`` = M downsampled like the labels); weights are 1."""
+    """Stage-1 mix (docs/methods/sdcl.md): ``X = L_a ⊙ M + L_b ⊙ (1 − M)``, ``Y_i = GT_a,i ⊙ M_i + GT_b,i ⊙ (1 − M_i)``
+    for every deep-supervision target ``i`` (``M_i`` = M downsampled like the labels); weights are 1."""
     a, b = pairs
     out_targets, out_weights, out_masks = [], [], []
     for target in targets:
@@ -153,7 +153,8 @@ def bidirectional_copy_paste_ds(labeled: Tensor, labeled_targets: Sequence[Tenso
                                 pseudo_labels: Tensor, mask: Tensor, labeled_pairs: tuple[Tensor, Tensor],
                                 unlabeled_pairs: tuple[Tensor, Tensor], labeled_weight: float = 1.0,
                                 unlabeled_weight: float = 0.5) -> tuple[MixedBatch, MixedBatch]:
-    """Stage-2 BCP mixes (SPEC 5.2) ``(X_l, X_u)`` with targets and weights for every deep-supervision output.
+    """Stage-2 BCP mixes (docs/methods/sdcl.md) ``(X_l, X_u)`` with targets and weights for every deep-supervision
+    output.
 
     Full resolution is :func:`nnssl.mixing.bidirectional_copy_paste`; for the lower outputs the pseudo-labels and M
     are downsampled with nearest-exact interpolation (as nnU-Net downsamples labels) and mixed with nnU-Net's
@@ -212,8 +213,8 @@ def teacher_pseudo_labels(logits: Tensor, keep_largest_component: bool = False) 
 
 
 def deep_supervised_mix_loss(outputs: Sequence[Tensor], mixed: MixedBatch, ds_weights: Sequence[float]) -> Tensor:
-    """``Σ_i w_i · mix(z_i, Y_i, ω_i, M_i)`` over the deep-supervision outputs (BCP ``mix_loss``, SPEC 5.2) with
-    nnU-Net's weights ``w_i`` (outputs with weight 0 are skipped)."""
+    """``Σ_i w_i · mix(z_i, Y_i, ω_i, M_i)`` over the deep-supervision outputs (BCP ``mix_loss``, docs/methods/sdcl.md)
+    with nnU-Net's weights ``w_i`` (outputs with weight 0 are skipped)."""
     if len(outputs) != len(mixed.targets) or len(ds_weights) < len(outputs):
         raise ValueError(f"outputs: {len(outputs)} deep-supervision outputs for {len(mixed.targets)} targets and "
                          f"{len(ds_weights)} weights")
@@ -233,7 +234,7 @@ class SDCLStudentLoss(NamedTuple):
 
 def sdcl_student_loss(outputs: Sequence[Tensor], mixes: Sequence[MixedBatch], disc: Tensor,
                       ds_weights: Sequence[float], mse_weight: float, kl_weight: float) -> SDCLStudentLoss:
-    """One student's stage-2 loss (SPEC 5.3):
+    """One student's stage-2 loss (docs/methods/sdcl.md):
     ``L = Σ_X mix(X) + λ_mse Σ_X L_mse(X) + λ_kl Σ_X L_kl(X)`` over the mixes X ∈ ``mixes`` (X_l, X_u).
 
     Args:
@@ -277,9 +278,9 @@ def _as_list(x: Tensor | Sequence[Tensor]) -> list[Tensor]:
 
 # ---------------------------------------------------------------------------------------------------- trainers
 class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
-    """SDCL (Song & Wang, MICCAI 2024) on BCP bidirectional copy-paste, as nnU-Net v2 trainers (SPEC section 5).
+    """SDCL (Song & Wang, MICCAI 2024) on BCP bidirectional copy-paste, as nnU-Net v2 trainers (docs/methods/sdcl.md).
 
-    Networks (SPEC 5.1)
+    Networks (docs/methods/sdcl.md)
         student 1  ``self.network``: nnU-Net's architecture from the plans (``PlainConvUNet`` by default). It is what
                    ``checkpoint['network_weights']`` holds, what nnU-Net validates and what ``nnUNetv2_predict -tr
                    nnUNetTrainerSDCL`` uses.
@@ -297,7 +298,7 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
         stage 1 (epochs ``[0, pretrain_epochs)``, BCP pre-training on labelled patches only): ``X = L_a ⊙ M + L_b ⊙
             (1 − M)``, ``Y = GT_a ⊙ M + GT_b ⊙ (1 − M)``; each student is trained on nnU-Net's Dice+CE of the mixed
             label with deep supervision.
-        stage 2 (self-training, SPEC 5.2-5.3): teacher pseudo-labels ``PL = argmax softmax(teacher(U))``;
+        stage 2 (self-training, docs/methods/sdcl.md): teacher pseudo-labels ``PL = argmax softmax(teacher(U))``;
             ``X_l = U_a ⊙ M + L_b ⊙ (1 − M)``, ``X_u = L_a ⊙ M + U_b ⊙ (1 − M)`` with targets ``Y_l = PL_a | GT_b`` and
             ``Y_u = GT_a | PL_b`` and region weights ω = 0.5 on pseudo-labelled and 1.0 on ground-truth voxels;
             ``D = 1[argmax z¹ ≠ argmax z²]`` (shared by both students); per student s:
@@ -331,7 +332,7 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
     - Deep supervision: the mixed targets and the mask M are downsampled to every deep-supervision output with
       nearest-exact interpolation, which is what nnU-Net does to labels, so mixing the downsampled targets equals
       downsampling the mixed target; ``mix`` is summed over the outputs with nnU-Net's deep-supervision weights.
-      The SDCL correction losses and D use the full-resolution output only (SPEC 8).
+      The SDCL correction losses and D use the full-resolution output only (docs/methods/README.md).
     - Batch composition: nnU-Net draws one labelled batch (N_l) and one unlabelled batch (N_u) instead of four loaders
       a/b. The "b" samples are the batch rolled by one (``b[i] = a[i − 1]``, :func:`rolled_pairs`), so any batch size
       works (odd, 1: then a sample is mixed with itself) and every drawn patch is used as both a and b; ``n = max(N_l,

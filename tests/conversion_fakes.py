@@ -1,4 +1,4 @@
-"""Tiny synthetic look-alikes of the public datasets' raw layouts (LAYOUTS.md), for the converter tests.
+"""Tiny synthetic look-alikes of the public datasets' raw layouts (docs/datasets.md), for the converter tests.
 
 Arrays are small (about 8x16x16 voxels) but file names, folder names and quirks are the real ones: FLARE22's
 ``_0000`` suffixes and zipped halves, AMOS's imagesVa and unlabeled zips, ACDC's Info.cfg frame numbers, LA's

@@ -1,4 +1,4 @@
-"""Unit tests of nnUNetTrainerCPS's parts (SPEC section 2): the CPS terms of a step, the second network's init and
+"""Unit tests of nnUNetTrainerCPS's parts (docs/methods/cps.md): the CPS terms of a step, the second network's init and
 the softmax-averaging network pair used by nnUNetTrainerCPS_ensemble."""
 
 from __future__ import annotations

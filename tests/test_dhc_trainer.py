@@ -1,6 +1,6 @@
 """Unit tests of nnUNetTrainerDHC on a tiny hand-made 2D preprocessed dataset (CPU, no nnU-Net CLI): DistDW from
-the labeled training cases only, DiffDW through the trainer's update path, SPEC 4.5 NaN guards, the weighted
-deep-supervised DC+CE against nnU-Net's own loss, the per-epoch ramp and the checkpoint state."""
+the labeled training cases only, DiffDW through the trainer's update path, the NaN guards of docs/methods/dhc.md, the
+weighted deep-supervised DC+CE against nnU-Net's own loss, the per-epoch ramp and the checkpoint state."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for nnssl.gmm: GuidedNet's kernel "GMM" terms (SPEC 3.2 / 3.5) and the literal diagonal GMM."""
+"""Tests for nnssl.gmm: GuidedNet's kernel "GMM" terms (docs/methods/guidednet.md) and the literal diagonal GMM."""
 
 from __future__ import annotations
 

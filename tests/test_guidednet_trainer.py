@@ -1,6 +1,6 @@
 """Unit tests of the GuidedNet trainers' building blocks (nnssl_trainers/guidednet.py): feature hook, loss assembly,
 KT-CPS crossing and fixed point, guidance terms on separated clusters and with absent classes, the initial class
-histogram, voxel subsets and the fitted-GMM rectification path. SPEC section 3.5."""
+histogram, voxel subsets and the fitted-GMM rectification path. docs/methods/guidednet.md."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_kt_cps_update_is_sequential_on_one_shared_state():
     assert torch.equal(kt.weights, w_b)
 
 
-# ------------------------------------------------------------------ guidance terms (SPEC 3.5)
+# ------------------------------------------------------------------ guidance terms (docs/methods/guidednet.md)
 
 
 def _separated_batch(n_l: int, n_u: int, k: int = 3, c: int = 4, v: int = 30, gap: float = 4.0):

@@ -1,4 +1,4 @@
-"""Tests for nnssl.perturbations and nnssl.losses.mgcc (SPEC 6.1, 6.2, 6.4)."""
+"""Tests for nnssl.perturbations and nnssl.losses.mgcc (docs/methods/mgcc.md)."""
 
 from __future__ import annotations
 

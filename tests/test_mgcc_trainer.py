@@ -1,4 +1,4 @@
-"""MGCC network and trainer properties (SPEC 6.1, 6.2, 6.4) on tiny CPU networks built like nnU-Net plans."""
+"""MGCC network and trainer properties (docs/methods/mgcc.md) on tiny CPU networks built like nnU-Net plans."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def test_auxiliary_decoders_share_the_encoder_without_owning_it():
     assert grad_norm(model.main.encoder) > 0 and grad_norm(blocks[0]) > 0 and grad_norm(blocks[1]) > 0
     assert grad_norm(blocks[2]) == 0 and grad_norm(model.main.decoder.stages) == 0
     assert grad_norm(model.auxiliary.decoders[2]) > 0 and grad_norm(model.auxiliary.decoders[0]) == 0
-    # the consistency term is not detached on either side (SPEC 6.2)
+    # the consistency term is not detached on either side (docs/methods/mgcc.md)
     model.zero_grad(set_to_none=True)
     out = model(x)
     multi_decoder_consistency(out[0], list(out[1:])).backward()
@@ -190,7 +190,7 @@ def test_consistency_is_zero_when_decoders_agree_and_positive_under_perturbation
 
 def test_snapshot_order_variant_swaps_aux1_and_aux3():
     names = [p.name for p in nnUNetTrainerMGCC.auxiliary_perturbations]
-    assert names == ["feature_dropout", "spatial_dropout", "feature_noise"]  # SPEC 6.1 order
+    assert names == ["feature_dropout", "spatial_dropout", "feature_noise"]  # MGCC order, docs/methods/mgcc.md
     assert [p.name for p in nnUNetTrainerMGCC_snapshotOrder.auxiliary_perturbations] == names[::-1]
     assert dict(MGCC_PERTURBATIONS[1].kwargs) == {"p": 0.3} and dict(MGCC_PERTURBATIONS[2].kwargs) == {
         "magnitude": 0.3}

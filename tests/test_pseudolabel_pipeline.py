@@ -1,6 +1,6 @@
-"""Pseudo-labeling end to end through the console scripts (SPEC §7): train a short first model, nnssl_pseudolabel
-(selection checked against voxel counts and confidences recomputed from the written predictions), the new
-dataset's roles and files, resumability of the prediction cache, planning with the source's plans, fine-tuning
+"""Pseudo-labeling end to end through the console scripts (docs/methods/pseudolabel.md): train a short first model,
+nnssl_pseudolabel (selection checked against voxel counts and confidences recomputed from the written predictions), the
+new dataset's roles and files, resumability of the prediction cache, planning with the source's plans, fine-tuning
 from the first model with -pretrained_weights, and a second pseudo-labeling round on the new dataset."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tests for nnssl.mixing (BCP copy-paste) and nnssl.losses.sdcl (SPEC 5.2-5.5)."""
+"""Tests for nnssl.mixing (BCP copy-paste) and nnssl.losses.sdcl (docs/methods/sdcl.md)."""
 
 from __future__ import annotations
 
@@ -120,7 +120,7 @@ def test_bidirectional_copy_paste_rejects_mismatched_batches():
 
 
 def _reference_mix_loss(logits, img_l, patch_l, mask, image_weight, patch_weight):
-    """Straight transcription of the SPEC 5.2 formula (masked Dice per region + masked CE, /2)."""
+    """Straight transcription of the docs/methods/sdcl.md formula (masked Dice per region + masked CE, /2)."""
     n, k = logits.shape[:2]
     p = torch.softmax(logits, 1).reshape(n, k, -1)
 

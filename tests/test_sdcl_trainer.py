@@ -208,7 +208,7 @@ def test_deep_supervision_targets_are_the_downsampled_mixed_target(dim):
             assert torch.equal(mixed.targets[i], downsample_nearest(mixed.targets[0], s))
             assert torch.equal(mixed.weights[i], downsample_nearest(mixed.weights[0][:, None], s)[:, 0])
     for i in range(len(shapes)):
-        # SPEC 5.5.4: the pseudo-labelled region of X_l is the ground-truth region of X_u and vice versa
+        # docs/methods/sdcl.md: the pseudo-labelled region of X_l is the ground-truth region of X_u and vice versa
         assert torch.equal(x_l.masks[i], x_u.masks[i])
         assert bool(((x_l.weights[i] + x_u.weights[i]) == 1.5).all())
         assert bool((x_l.weights[i][:, x_l.masks[i] > 0.5] == 0.5).all())

@@ -1,4 +1,5 @@
-"""Mean Teacher consistency loss and teacher input noise (SPEC section 1, SSL4MIS ``train_mean_teacher_3D``).
+"""Mean Teacher consistency loss and teacher input noise (docs/methods/mean_teacher.md;
+SSL4MIS ``train_mean_teacher_3D``).
 
 Works for 2D ``(N, K, H, W)`` and 3D ``(N, K, D, H, W)`` logits. Softmax and the mean are computed in float32,
 so fp16/bf16 logits from CUDA autocast are safe.
@@ -21,8 +22,8 @@ def _check_logits(logits: torch.Tensor, name: str) -> None:
 
 
 def softmax_mse_consistency(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``L_cons = mean_{n,k,v} (softmax(z_s)_k − softmax(sg(z_t))_k)²`` (SPEC §1; SSL4MIS ``softmax_mse_loss``
-    followed by ``torch.mean``).
+    """``L_cons = mean_{n,k,v} (softmax(z_s)_k − softmax(sg(z_t))_k)²`` (docs/methods/mean_teacher.md;
+    SSL4MIS ``softmax_mse_loss`` followed by ``torch.mean``).
 
     The mean runs over all elements (N·K·voxels). The teacher is detached: gradients reach the student only.
     Returns a float32 scalar.
@@ -39,7 +40,8 @@ def softmax_mse_consistency(student_logits: torch.Tensor, teacher_logits: torch.
 
 def gaussian_input_noise(x: torch.Tensor, std: float = 0.1, clip: float = 0.2,
                          generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x + clamp(N(0, std²), −clip, clip)`` elementwise: the teacher's input perturbation (SPEC §1).
+    """``x + clamp(N(0, std²), −clip, clip)`` elementwise: the teacher's input perturbation
+    (docs/methods/mean_teacher.md).
 
     Returns a new tensor with the dtype and device of ``x``; ``x`` is not modified.
     """

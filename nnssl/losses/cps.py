@@ -1,4 +1,5 @@
-"""Cross pseudo supervision and class-weighted cross-entropy (SPEC sections 2, 3.2 item 8, 4.3 and 4.5).
+"""Cross pseudo supervision and class-weighted cross-entropy (docs/methods/cps.md, guidednet.md
+(KT-CPS) and dhc.md).
 
 Logits are ``(N, K, *spatial)`` (2D or 3D). Log-softmax and reductions run in float32, so fp16/bf16 logits from
 CUDA autocast are safe. Pseudo-labels are always the argmax of detached logits (no threshold, no sharpening).
@@ -46,7 +47,8 @@ def _check_class_weights(class_weights: torch.Tensor | None, num_classes: int, n
 
 
 def hard_pseudo_label(logits: torch.Tensor) -> torch.Tensor:
-    """``ŷ = argmax_k sg(z)_k`` as a LongTensor ``(N, *spatial)`` (SPEC notation; argmax z = argmax softmax z)."""
+    """``ŷ = argmax_k sg(z)_k`` as a LongTensor ``(N, *spatial)`` (notation of docs/methods/README.md;
+    argmax z = argmax softmax z)."""
     _check_logits(logits, "logits")
     return torch.argmax(logits.detach(), dim=1)
 
@@ -74,9 +76,9 @@ def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, class_weights: torc
 
 def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None = None,
                            ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``CE_w(z, y) = Σ_v w[y_v]·(−log softmax(z_v)[y_v]) / Σ_v w[y_v]`` (SPEC notation; equals
+    """``CE_w(z, y) = Σ_v w[y_v]·(−log softmax(z_v)[y_v]) / Σ_v w[y_v]`` (docs/methods/README.md notation; equals
     ``nn.CrossEntropyLoss(weight=w)`` with mean reduction), but returns 0 instead of NaN when ``Σ_v w[y_v] = 0``
-    (SPEC §4.5 property 3); the result still has a graph, so ``backward()`` works and gives zero gradients.
+    (a NaN guard, docs/methods/dhc.md); the result still has a graph, so ``backward()`` works and gives zero gradients.
 
     ``class_weights``: ``(K,)`` non-negative, ``None`` = all ones (plain mean CE).
     ``ignore_mask``: optional bool ``(N, *spatial)``, True = voxel excluded from numerator and denominator.
@@ -102,8 +104,8 @@ def cross_pseudo_supervision_loss(logits_a: torch.Tensor, logits_b: torch.Tensor
                                   class_weights_a: torch.Tensor | None = None,
                                   class_weights_b: torch.Tensor | None = None,
                                   ignore_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``L_cps = CE_{w_a}(z_a, ŷ_b) + CE_{w_b}(z_b, ŷ_a)`` with ``ŷ = argmax sg(z)`` (SPEC §2; weighted variants
-    SPEC §4.3 step 4 and §3.2 item 8).
+    """``L_cps = CE_{w_a}(z_a, ŷ_b) + CE_{w_b}(z_b, ŷ_a)`` with ``ŷ = argmax sg(z)`` (docs/methods/cps.md;
+    weighted variants: docs/methods/dhc.md and the KT-CPS of docs/methods/guidednet.md).
 
     ``class_weights_a`` weights the loss of network a (the term whose prediction is ``z_a``), indexed by the
     pseudo-label class. DHC passes each net its own weights (a: DiffDW, b: DistDW); GuidedNet KT-CPS passes them

@@ -1,4 +1,4 @@
-"""MGCC multi-decoder consistency (SPEC section 6.2; ``train.py`` of the official repository)."""
+"""MGCC multi-decoder consistency (docs/methods/mgcc.md; ``train.py`` of the official repository)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def _probabilities(logits: Tensor) -> Tensor:
 
 
 def multi_decoder_consistency(main_logits: Tensor, aux_logits: Sequence[Tensor], detach_main: bool = False) -> Tensor:
-    """``L_cons = (1/n_aux) sum_i mean((P(z_main) - P(z_aux_i))^2)`` (SPEC 6.2).
+    """``L_cons = (1/n_aux) sum_i mean((P(z_main) - P(z_aux_i))^2)`` (docs/methods/mgcc.md).
 
     ``P`` is softmax over dim 1 for K >= 2 channels (generalisation of the paper's binary case) and sigmoid for a
     single channel (exactly the official ``MSE(sigmoid(main), sigmoid(aux_i))``). The mean is over all elements.

@@ -1,4 +1,4 @@
-"""SDCL losses (SPEC sections 5.2-5.3; ``code/pancreas/losses.py`` of ``pascalcpp/SDCL``, used by all three tasks).
+"""SDCL losses (docs/methods/sdcl.md; ``code/pancreas/losses.py`` of ``pascalcpp/SDCL``, used by all three tasks).
 
 Inputs are the logits of one student on one BCP-mixed batch (N, K, *spatial) with K >= 2 softmax channels, the
 mixed per-voxel target t (N, *spatial) (PL on one region, GT on the other, see :mod:`nnssl.mixing`) and the
@@ -75,7 +75,7 @@ def _regions(weight_map: Tensor, region_mask: Tensor | None, logits: Tensor) -> 
 
 
 def mixed_region_loss(logits: Tensor, target: Tensor, weight_map: Tensor, region_mask: Tensor | None = None) -> Tensor:
-    """BCP ``mix_loss`` (SPEC 5.2): region-weighted masked Dice + masked CE, divided by 2.
+    """BCP ``mix_loss`` (docs/methods/sdcl.md): region-weighted masked Dice + masked CE, divided by 2.
 
     For each region r (voxel set) with weight ``w_r``:
     ``Dice_r = 1 - mean_{n,k} (2 sum_v m_r p_k t_k + 1e-5) / (sum_v m_r (p_k + t_k) + 1e-5)`` (softmax, one-hot t,
@@ -120,7 +120,8 @@ def mixed_region_loss(logits: Tensor, target: Tensor, weight_map: Tensor, region
 
 @torch.no_grad()
 def discrepancy_mask(logits_1: Tensor, logits_2: Tensor) -> Tensor:
-    """``D(v) = 1[argmax_k z1(v) != argmax_k z2(v)]`` (SPEC 5.3; ``get_XOR_region``), bool (N, *spatial), no grad."""
+    """``D(v) = 1[argmax_k z1(v) != argmax_k z2(v)]`` (docs/methods/sdcl.md; ``get_XOR_region``), bool (N, *spatial),
+    no grad."""
     _check_logits(logits_1)
     if logits_1.shape != logits_2.shape:
         raise ValueError(f"logits_2: shape {tuple(logits_2.shape)} != logits_1 shape {tuple(logits_1.shape)}")
@@ -129,7 +130,7 @@ def discrepancy_mask(logits_1: Tensor, logits_2: Tensor) -> Tensor:
 
 
 def discrepancy_mse_loss(logits: Tensor, target: Tensor, weight_map: Tensor, disc_mask: Tensor) -> Tensor:
-    """SDCL ``L_mse`` (SPEC 5.3; ``mix_mse_loss``).
+    """SDCL ``L_mse`` (docs/methods/sdcl.md; ``mix_mse_loss``).
 
     ``e(v) = omega(v) * (1/K) sum_k (p_k(v) - onehot(t(v))_k)^2`` and
     ``L_mse = sum_v D(v) e(v) / (sum_v D(v) + 1e-16)`` (denominator unweighted by omega). Exactly 0 when D is empty.
@@ -147,7 +148,7 @@ def discrepancy_mse_loss(logits: Tensor, target: Tensor, weight_map: Tensor, dis
 
 
 def discrepancy_uniform_ce_loss(logits: Tensor, target: Tensor, weight_map: Tensor, disc_mask: Tensor) -> Tensor:
-    """SDCL ``L_kl`` (SPEC 5.3; ``mix_max_kl_loss``): entropy maximisation on discrepant, wrong voxels.
+    """SDCL ``L_kl`` (docs/methods/sdcl.md; ``mix_max_kl_loss``): entropy maximisation on discrepant, wrong voxels.
 
     ``W(v) = 1[argmax_k p(v) != t(v)]`` (no grad), ``g(v) = omega(v) W(v) (-(1/K) sum_k log p_k(v))`` and
     ``L_kl = sum_v D(v) g(v) / (sum_v D(v) W(v) + 1e-16)`` (denominator unweighted by omega).

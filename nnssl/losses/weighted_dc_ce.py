@@ -1,5 +1,5 @@
 """Class-weighted Dice + cross-entropy that plugs into nnU-Net's ``DeepSupervisionWrapper`` (DHC supervision,
-SPEC §4.2 and §8).
+docs/methods/dhc.md).
 
 nnU-Net's ``DC_and_CE_loss`` has no per-call class weights, and DHC swaps its weights every iteration
 (``update_weight``). Here the weights are an argument of ``forward`` instead of hidden state, so one module
@@ -22,7 +22,7 @@ NNUNET_DICE_SMOOTH = 1e-5
 
 
 class ClassWeightedDCandCELoss(nn.Module):
-    """``L = weight_ce · CE_w(z, y) + weight_dice · SoftDice_w(softmax z, y)`` (SPEC §4.2, DHC ``w_ce+dice``).
+    """``L = weight_ce · CE_w(z, y) + weight_dice · SoftDice_w(softmax z, y)`` (docs/methods/dhc.md, DHC ``w_ce+dice``).
 
     - ``CE_w = Σ_v w[y_v]·ce_v / Σ_v w[y_v]`` over all classes (:func:`nnssl.losses.cps.weighted_cross_entropy`,
       which returns 0 instead of NaN when ``Σ_v w[y_v] = 0``, e.g. a background-only patch and a DistDW

@@ -1,4 +1,4 @@
-"""MGCC's shared-encoder, multi-decoder network built from an nnU-Net plans file (SPEC section 6.1).
+"""MGCC's shared-encoder, multi-decoder network built from an nnU-Net plans file (docs/methods/mgcc.md).
 
 Two modules, so that only the inference path is what nnU-Net saves and predicts with:
 
@@ -12,7 +12,7 @@ Two modules, so that only the inference path is what nnU-Net saves and predicts 
   multi-level feature perturbation each; auxiliary decoder i reads the skips and bottleneck level i, all
   perturbed. Its output is only used for training.
 
-:class:`MultiDecoderNetwork` joins the two with MGCC's train/eval contract (SPEC 6.4 property 1): in train mode
+:class:`MultiDecoderNetwork` joins the two with MGCC's train/eval contract (docs/methods/mgcc.md): in train mode
 ``(main, aux_1, ..., aux_n)``, in eval mode the main output alone.
 """
 
@@ -150,8 +150,8 @@ class FeaturePerturbation:
         return multi_level_perturbations(features, self.name, **dict(self.kwargs))
 
 
-# SPEC 6.1 order: aux1 feature dropout (on x5), aux2 dropout p=0.3 (on CM1(x5)), aux3 feature noise 0.3 (on
-# CM2(CM1(x5))). The later official snapshot swaps aux1 and aux3.
+# MGCC order (docs/methods/mgcc.md): aux1 feature dropout (on x5), aux2 dropout p=0.3 (on CM1(x5)), aux3 feature
+# noise 0.3 (on CM2(CM1(x5))). The later official snapshot swaps aux1 and aux3.
 MGCC_PERTURBATIONS = (
     FeaturePerturbation("feature_dropout", {"gamma_range": (0.7, 0.9)}),
     FeaturePerturbation("spatial_dropout", {"p": 0.3}),

@@ -1,4 +1,5 @@
-"""``nnssl_pseudolabel``: offline pseudo-labeling as in the FLARE22 paper of Gao, Xu & Fei (SPEC §7).
+"""``nnssl_pseudolabel``: offline pseudo-labeling as in the FLARE22 paper of Gao, Xu & Fei
+(docs/methods/pseudolabel.md).
 
 1. predict every unlabeled case of dataset ``-d`` with a trained nnU-Net model (nnU-Net's own predictor; cached
    and resumable, see :mod:`nnssl.pseudolabel.predict`);

@@ -1,4 +1,4 @@
-"""The pseudo-labeled nnU-Net raw dataset (SPEC §7.1 step 4: labeled + selected pseudo-labeled cases).
+"""The pseudo-labeled nnU-Net raw dataset (docs/methods/pseudolabel.md: labeled + selected pseudo-labeled cases).
 
 Layout of the new dataset ``Dataset<NEW_ID>_<OldName>PL`` (the raw-format contract of :mod:`nnssl.split`)::
 

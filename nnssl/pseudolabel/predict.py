@@ -1,4 +1,5 @@
-"""Predict the unlabeled cases of a dataset with a trained nnU-Net model, into a resumable cache (SPEC §7.1 step 2).
+"""Predict the unlabeled cases of a dataset with a trained nnU-Net model, into a resumable cache
+(docs/methods/pseudolabel.md).
 
 The network, sliding window, mirroring, preprocessing and the resampling back to the original geometry are all
 nnU-Net's own (``nnUNetPredictor`` initialised from the trained model folder, nnU-Net's preprocessing iterator,

@@ -1,4 +1,4 @@
-"""Which pseudo-labelled cases to keep (SPEC §7, FLARE22 pseudo-labelling of Gao, Xu & Fei).
+"""Which pseudo-labelled cases to keep (docs/methods/pseudolabel.md, FLARE22 pseudo-labelling of Gao, Xu & Fei).
 
 The paper keeps an unlabelled case iff every organ (classes 1..13) has at least 2000 voxels in its argmax
 pseudo-label (676 of 2000 cases kept). Optional extras, off by default: a minimum mean confidence and a cap on
@@ -74,7 +74,7 @@ def _checked_classes(num_classes: int, classes: Sequence[int] | None) -> list[in
 
 def passes_min_voxels(counts: np.ndarray, min_voxels: int = 2000, classes: Sequence[int] | None = None) -> bool:
     """True iff ``counts[k] >= min_voxels`` (inclusive) for every checked class; default: all foreground
-    classes ``1..K-1`` (SPEC §7.1 step 3)."""
+    classes ``1..K-1`` (docs/methods/pseudolabel.md)."""
     counts = np.asarray(counts)
     if counts.ndim != 1:
         raise ValueError(f"counts must be a 1-D vector, got shape {counts.shape}")
@@ -123,7 +123,7 @@ def _class_label(k: int, class_names: ClassNames | None) -> str:
 def select_cases(records: Sequence[CaseStats], min_voxels: int = 2000, min_confidence: float | None = None,
                  max_cases: int | None = None, classes: Sequence[int] | None = None,
                  class_names: ClassNames | None = None) -> list[SelectionDecision]:
-    """Decide for every case whether its pseudo-label is kept (SPEC §7.1 step 3), with the reasons.
+    """Decide for every case whether its pseudo-label is kept (docs/methods/pseudolabel.md), with the reasons.
 
     A case is kept iff (1) every checked class (default 1..K-1) has ``>= min_voxels`` voxels, (2) its mean
     confidence is ``>= min_confidence`` when that is given, and (3) when ``max_cases`` is given, it is among the
