@@ -168,7 +168,7 @@ def seconds_per_iteration(log_text: str) -> float:
 
 
 def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
-    with open(log, "w") as f:
+    with open(log, "w", encoding="utf-8") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = "\n".join(log.read_text().splitlines()[-25:])
@@ -653,7 +653,7 @@ def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
     atomic_write_json(out / "benchmark.json", {"runs": [r.__dict__ for r in results], "rows": rows})
     keys = list(dict.fromkeys(k for r in rows for k in r))
     tmp = out / ".benchmark.csv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(rows)

@@ -61,7 +61,7 @@ def main() -> None:
         "cuda_max_allocated_mb": cuda_peak,
         "wall_s": time.time() - start,
     }
-    with open(out, "w") as f:
+    with open(out, "w", encoding="utf-8") as f:
         json.dump(record, f)
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the trainer's cached blocks are not needed by the predictor
