@@ -952,7 +952,7 @@ def write_learning_curves(results: list[RunResult], out: Path) -> list[str]:
         lines.append(f"- {dataset} seed {seed}: {convergence_text(check)}")
         plot_curves({_short(r.trainer): r.curve for r in rows}, rows[0].iterations_per_epoch or 250,
                     out / f"learning_curves_{dataset}_seed{seed}.png",
-                    f"{dataset} seed {seed}: validation Dice per epoch (thin) and its EMA (thick)")
+                    f"{dataset} seed {seed}: validation Dice per epoch (thin), trailing mean (thick)")
     return lines
 
 

@@ -89,7 +89,8 @@ def convergence_text(check: Mapping[str, float | bool | None]) -> str:
 
 def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], iterations_per_epoch: int,
                 path: str | os.PathLike, title: str) -> None:
-    """Validation Dice (thin: per epoch, thick: EMA) against training iterations, one colour per row."""
+    """Validation Dice (thin: per epoch, thick: trailing mean over ``window(E)`` epochs, the quantity the convergence
+    check compares; not nnU-Net's lagging EMA) against training iterations, one colour per row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,9 +99,12 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], iterations_
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for i, (label, curve) in enumerate(curves.items()):
         colour = f"C{i % 10}"
-        x = (np.arange(len(curve["ema_fg_dice"])) + 1) * iterations_per_epoch
-        ax.plot(x, curve["mean_fg_dice"], color=colour, alpha=0.3, linewidth=0.8)
-        ax.plot(x, curve["ema_fg_dice"], color=colour, linewidth=2, label=label)
+        values = np.asarray(curve["mean_fg_dice"], dtype=float)
+        x = (np.arange(len(values)) + 1) * iterations_per_epoch
+        w = window(len(values))
+        smooth = np.array([values[max(0, i - w + 1):i + 1].mean() for i in range(len(values))])
+        ax.plot(x, values, color=colour, alpha=0.3, linewidth=0.8)
+        ax.plot(x, smooth, color=colour, linewidth=2, label=label)
     ax.set_xlabel("training iterations")
     ax.set_ylabel("validation Dice (foreground mean)")
     ax.set_ylim(0, 1)
