@@ -136,24 +136,33 @@ def _zip_members(archive: Path, folders: tuple[str, ...]) -> list[FileRef]:
 
 
 def walk_raw_tree(root: str | os.PathLike) -> list[FileRef]:
-    """Every file under ``root`` (following links, looking into ``.zip`` archives), hidden files skipped."""
+    """Every file under ``root`` (following links, looking into ``.zip`` archives). Hidden files and folders and OS
+    junk (``__MACOSX``, ``Thumbs.db``) are skipped, and reported in one note line so that nothing is skipped
+    silently (downloads often carry them; a case file hidden by a leading '.' would otherwise just go missing)."""
     root = Path(root)
     if not root.exists():
         raise ConversionError(f"{root}: raw data folder does not exist")
     if not root.is_dir():
         raise ConversionError(f"{root}: raw data path is not a folder")
     refs: list[FileRef] = []
+    skipped: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        skipped += [Path(dirpath) / d for d in dirnames if _ignored(d)]
         dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
         folders = Path(dirpath).relative_to(root).parts
         for name in sorted(filenames):
             if _ignored(name):
+                skipped.append(Path(dirpath) / name)
                 continue
             path = Path(dirpath) / name
             if name.lower().endswith(".zip"):
                 refs.extend(_zip_members(path, folders))
             else:
                 refs.append(FileRef(path, None, folders))
+    if skipped:
+        shown = ", ".join(str(p) for p in sorted(skipped)[:3])
+        print(f"note: skipped {len(skipped)} hidden or system file(s)/folder(s) in {root}: {shown}"
+              + (", ..." if len(skipped) > 3 else ""))
     if not refs:
         raise ConversionError(f"{root}: raw data folder is empty")
     return refs

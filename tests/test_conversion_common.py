@@ -282,3 +282,15 @@ def test_cli_refuses_existing_output_missing_raw_and_reused_id(tmp_path):
     explicit = run_cli("nnssl_convert", ["flare22", raw, "-o", tmp_path / "elsewhere"], nnraw)
     assert explicit.returncode == 0 and (tmp_path / "elsewhere" / "ssl_split.json").is_file()
     assert sorted(p.name for p in nnraw.iterdir()) == ["Dataset007_FLARE22"]
+
+
+def test_walk_raw_tree_reports_what_it_skips(tmp_path, capsys):
+    """Hidden files and OS junk are not cases, but skipping them is said, never silent."""
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "imagesTr" / "case_0000.nii.gz").write_bytes(b"x")
+    (tmp_path / "imagesTr" / ".case_0001.nii.gz").write_bytes(b"x")
+    (tmp_path / "__MACOSX").mkdir()
+    refs = walk_raw_tree(tmp_path)
+    assert [r.name for r in refs] == ["case_0000.nii.gz"]
+    out = capsys.readouterr().out
+    assert "skipped 2 hidden or system" in out and ".case_0001.nii.gz" in out and "__MACOSX" in out
