@@ -233,3 +233,38 @@ def test_numbered_fold_keeps_its_validation_cases(tmp_path):
     assert derive_splits(src, new, ["u1", "u2"]) is True
     assert json.loads((new / "splits_final.json").read_text()) == [
         {"train": ["a", "b", "u1", "u2"], "val": ["c"]}, {"train": ["a", "c", "u1", "u2"], "val": ["b"]}]
+
+
+def test_full_label_dataset_of_a_multichannel_mri_dataset(tmp_path):
+    """Any dataset in the raw contract, not only the presets: two MRI channels, every channel of every case copied."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from nnssl.benchmark.full_reference import write_full_label_dataset
+    from nnssl.pseudolabel.dataset import RawDataset
+    from nnssl.split import SSLSplit, load_and_validate, save_split
+
+    raw = tmp_path / "Dataset123_Prostate"
+    roles = {"labeled": ["p0", "p1"], "unlabeled": ["p2", "p3"], "test": ["p4"]}
+    folders = {"labeled": ("imagesTr", "labelsTr"), "unlabeled": ("imagesUnlabeled", "labelsUnlabeled"),
+               "test": ("imagesTs", "labelsTs")}
+    for role, cases in roles.items():
+        img_dir, lab_dir = (raw / f for f in folders[role])
+        img_dir.mkdir(parents=True)
+        lab_dir.mkdir(parents=True)
+        for i, case in enumerate(cases):
+            for channel in range(2):
+                image = np.random.RandomState(i + channel).rand(4, 8, 8).astype(np.float32)
+                sitk.WriteImage(sitk.GetImageFromArray(image), str(img_dir / f"{case}_{channel:04d}.nii.gz"))
+            sitk.WriteImage(sitk.GetImageFromArray((image > 0.5).astype(np.uint8)), str(lab_dir / f"{case}.nii.gz"))
+    (raw / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2", "1": "ADC"},
+                                                  "labels": {"background": 0, "prostate": 1}, "numTraining": 2,
+                                                  "file_ending": ".nii.gz"}))
+    save_split(SSLSplit(**roles), raw / "ssl_split.json")
+    source = RawDataset(raw, raw.name, json.loads((raw / "dataset.json").read_text()), load_and_validate(raw))
+    dest = tmp_path / "Dataset124_ProstateFull"
+    split = write_full_label_dataset(source, dest)
+    assert sorted(split.labeled) == ["p0", "p1", "p2", "p3"]
+    assert sorted(p.name for p in (dest / "imagesTr").iterdir()) == [
+        f"{c}_{k:04d}.nii.gz" for c in ("p0", "p1", "p2", "p3") for k in (0, 1)]
+    assert load_and_validate(dest).labeled == split.labeled
