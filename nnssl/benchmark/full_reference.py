@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 
 from nnssl.io import atomic_output_dir, atomic_write_json
@@ -37,7 +36,9 @@ from nnssl.pseudolabel.dataset import (
     _copy_case,
     _copy_label,
     check_new_dataset_id,
+    derive_splits,
     discard_stale_derived_data,
+    link_validation_cases,
     preprocess_with_source_plans,
 )
 from nnssl.split import SPLIT_FILE_NAME, SSLSplit, load_and_validate, save_split, validate_split_against_raw
@@ -106,38 +107,6 @@ def write_full_label_dataset(source: RawDataset, destination: str | os.PathLike)
         save_split(split, tmp / SPLIT_FILE_NAME)
         validate_split_against_raw(split, tmp, strict=True)
     return split
-
-
-def derive_splits(source_pp: Path, new_pp: Path, added: list[str]) -> bool:
-    """Fold k of the new dataset = fold k of the source with ``added`` joined to its training cases (validation
-    unchanged), so a numbered fold compares like with like. Returns False when the source has no
-    ``splits_final.json`` (fold ``all``, or nnU-Net has not split it yet): nnU-Net's own split then applies."""
-    source_file = source_pp / SPLITS_FILE
-    if not source_file.is_file():
-        return False
-    folds = json.loads(source_file.read_text())
-    atomic_write_json(new_pp / SPLITS_FILE, [{"train": sorted(set(f["train"]) | set(added)), "val": f["val"]}
-                                             for f in folds])
-    return True
-
-
-def link_validation_cases(source_pp: Path, new_pp: Path, plans_identifier: str, configuration: str,
-                          val: list[str]) -> None:
-    """``val`` cases of the source's ssl_split.json live in imagesVal, which the new raw dataset does not copy: their
-    preprocessed files (same plans, so the same preprocessing) and reference labels are linked over instead."""
-    plans = json.loads((source_pp / f"{plans_identifier}.json").read_text())
-    identifier = plans["configurations"][configuration]["data_identifier"]
-    new_plans = json.loads((new_pp / f"{plans_identifier}.json").read_text())
-    new_identifier = new_plans["configurations"][configuration]["data_identifier"]
-    for sub_src, sub_dst in ((identifier, new_identifier), ("gt_segmentations", "gt_segmentations")):
-        for case_id in val:
-            for src in [*(source_pp / sub_src).glob(f"{case_id}.*"), *(source_pp / sub_src).glob(f"{case_id}_seg.*")]:
-                dst = new_pp / sub_dst / src.name
-                if not dst.exists():
-                    try:
-                        os.link(src, dst)
-                    except OSError:
-                        shutil.copy2(src, dst)
 
 
 def build(source_id: int, new_id: int, configuration: str, plans_identifier: str = "nnUNetPlans",

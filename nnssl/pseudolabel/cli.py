@@ -28,7 +28,9 @@ from nnssl.pseudolabel.dataset import (
     check_new_dataset_id,
     dataset_folder_name,
     default_new_name,
+    derive_splits,
     discard_stale_derived_data,
+    link_validation_cases,
     load_raw_dataset,
     preprocess_with_source_plans,
     pseudo_id,
@@ -158,7 +160,7 @@ def run_pseudolabel(dataset: str, configuration: str, folds: Sequence[str], new_
     """Predict, select and write the new dataset; returns the report (also written into the new dataset).
     ``preprocess``: then plan (by moving the source's plans) and preprocess it for ``configuration``, so that it can
     be fine-tuned from the source model at once (:func:`preprocess_with_source_plans`)."""
-    from nnunetv2.paths import nnUNet_raw
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     if min_voxels < 0:
@@ -210,7 +212,15 @@ def run_pseudolabel(dataset: str, configuration: str, folds: Sequence[str], new_
     print(f"selected {len(selected)} of {len(decisions)} unlabeled cases; wrote {destination}\n"
           f"report: {destination / REPORT_MD}")
     if preprocess:
-        preprocess_with_source_plans(new_id, source_name, plans, [configuration], num_processes_preprocessing)
+        new_pp = preprocess_with_source_plans(new_id, source_name, plans, [configuration],
+                                              num_processes_preprocessing)
+        # folds that mean what the source's mean: fold k trains on its cases plus every pl_ case and validates on
+        # the same real cases (the source's 'val' cases live in its imagesVal: their preprocessed files are linked)
+        source_pp = Path(str(nnUNet_preprocessed)) / source_name
+        derive_splits(source_pp, new_pp, [pseudo_id(c) for c in selected])
+        val = list(source.split.extra.get("val", []))
+        if val:
+            link_validation_cases(source_pp, new_pp, plans, configuration, val)
     print(next_steps(new_id, source_name, model, preprocess))
     return report
 

@@ -316,3 +316,38 @@ def discard_stale_derived_data(dataset_folder_name: str) -> None:
     if nnUNet_results and (Path(str(nnUNet_results)) / dataset_folder_name).is_dir():
         print(f"warning: {Path(str(nnUNet_results)) / dataset_folder_name} holds models trained on the replaced "
               f"version of {dataset_folder_name}")
+
+
+# ------------------------------------------------------------------ folds of a derived dataset
+
+
+def derive_splits(source_pp: Path, new_pp: Path, added: list[str]) -> bool:
+    """Fold k of the new dataset = fold k of the source with ``added`` joined to its training cases (validation
+    unchanged), so a numbered fold compares like with like. Returns False when the source has no
+    ``splits_final.json`` (fold ``all``, or nnU-Net has not split it yet): nnU-Net's own split then applies."""
+    source_file = source_pp / "splits_final.json"
+    if not source_file.is_file():
+        return False
+    folds = json.loads(source_file.read_text())
+    atomic_write_json(new_pp / "splits_final.json", [{"train": sorted(set(f["train"]) | set(added)), "val": f["val"]}
+                                             for f in folds])
+    return True
+
+
+def link_validation_cases(source_pp: Path, new_pp: Path, plans_identifier: str, configuration: str,
+                          val: list[str]) -> None:
+    """``val`` cases of the source's ssl_split.json live in imagesVal, which the new raw dataset does not copy: their
+    preprocessed files (same plans, so the same preprocessing) and reference labels are linked over instead."""
+    plans = json.loads((source_pp / f"{plans_identifier}.json").read_text())
+    identifier = plans["configurations"][configuration]["data_identifier"]
+    new_plans = json.loads((new_pp / f"{plans_identifier}.json").read_text())
+    new_identifier = new_plans["configurations"][configuration]["data_identifier"]
+    for sub_src, sub_dst in ((identifier, new_identifier), ("gt_segmentations", "gt_segmentations")):
+        for case_id in val:
+            for src in [*(source_pp / sub_src).glob(f"{case_id}.*"), *(source_pp / sub_src).glob(f"{case_id}_seg.*")]:
+                dst = new_pp / sub_dst / src.name
+                if not dst.exists():
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copy2(src, dst)
