@@ -139,7 +139,7 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 4 and {"gap_closed", "gap_closed_ci_low", "wilcoxon_p"} <= set(csv_rows[0])
     assert (out / "benchmark.png").stat().st_size > 0 and (out / "benchmark_gap.png").stat().st_size > 0
-    table = (out / "benchmark.md").read_text()
+    table = (out / "benchmark.md").read_text(encoding="utf-8")
     assert "Dice mean" in table and f"- {PSEUDO_LABEL_TRAINER}: stage 1 = the {BASELINE} row" in table
     assert "gap closed [95 % CI]" in table and "Wilcoxon signed-rank" in table
     assert "nnUNetTrainerMeanTeacher" in proc.stdout
@@ -186,7 +186,7 @@ def test_benchmark_smoke_equal_time_budget(synthetic3d, tmp_path):
     assert (tmp_path / "results" / "equal_time").is_dir()  # its own model; the equal-iteration one stays
     with open(out / "benchmark.csv") as f:
         assert [r["budget"] for r in csv.DictReader(f)] == ["both", "iterations", "time"]
-    table = (out / "benchmark.md").read_text()
+    table = (out / "benchmark.md").read_text(encoding="utf-8")
     assert f"| {mt} @ equal time |" in table and f"| {mt} |" in table
     assert (out / "benchmark_gap.png").stat().st_size > 0 and len(list((out / "rows").glob("*.json"))) == 3
 

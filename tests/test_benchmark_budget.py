@@ -175,7 +175,7 @@ def test_both_budgets_scale_the_ssl_rows_reuse_everything_on_rerun(tmp_path, mon
     assert rows[5]["time_scale"] == pytest.approx(0.5) and rows[5]["schedule"] == "5 epochs x 20 iterations"
     with open(tmp_path / "benchmark.csv") as f:
         assert [r["budget"] for r in csv.DictReader(f)][-3:] == ["time"] * 3
-    table = (tmp_path / "benchmark.md").read_text()
+    table = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
     assert f"| {MT} @ equal time |" in table and f"| {PSEUDO_LABEL_TRAINER} @ equal time | skipped: not run" in table
     assert "(5 epochs x 40 iterations per trainer)" in table  # the title has the schedule, not the scaled ones
     assert (tmp_path / "benchmark_gap.png").stat().st_size > 0

@@ -110,7 +110,7 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
         assert case["selected"] == (case["case_id"] in expected)
         if minima[case["case_id"]] < threshold:
             assert any(f"< {threshold} voxels" in r for r in case["reasons"])
-    table = (new_dir / "pseudolabel_report.md").read_text()
+    table = (new_dir / "pseudolabel_report.md").read_text(encoding="utf-8")
     assert all(f"| {c} | yes | pl_{c} |" in table for c in expected)
 
     # --- the new dataset: roles, files, provenance; never a withheld label in labelsTr

@@ -171,7 +171,7 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
     with open(log, "w", encoding="utf-8") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        tail = "\n".join(log.read_text().splitlines()[-25:])
+        tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
         raise RuntimeError(f"{' '.join(cmd)} exited {rc} (log {log}):\n{tail}")
 
 
@@ -217,7 +217,7 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
     result.iterations_per_epoch = int(env.get("NNSSL_ITERATIONS_PER_EPOCH") or 250)
     result.max_rss_mb = memory["max_rss_mb"]
     result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
-    result.seconds_per_iteration = seconds_per_iteration(log.read_text())
+    result.seconds_per_iteration = seconds_per_iteration(log.read_text(encoding="utf-8", errors="replace"))
     return pred
 
 
@@ -276,7 +276,7 @@ def _full_reference_stage(dataset_id: int, full_id: int, configuration: str, fol
     log = out / f"{tag}_dataset.log"
     _run([sys.executable, "-m", "nnssl.benchmark.full_reference", "-s", str(dataset_id), "-t", str(full_id),
           "-c", configuration], env, log)
-    made = json.loads(log.read_text().strip().splitlines()[-1])
+    made = json.loads(log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1])
     # fold "all" trains on every case; a numbered fold should be the source's fold plus the formerly unlabeled cases
     folds = "" if fold == "all" or made["folds_from_source"] else \
         "; nnU-Net's own folds (the source had no splits_final.json)"
@@ -737,7 +737,7 @@ def _calibrate_one(run: DatasetRun, trainer: str, out: Path, device: str) -> flo
               str(run.dataset_id), run.configuration, run.fold, "-tr", trainer, "-device", device], env, log)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    seconds = calibration_seconds_per_iteration(log.read_text())
+    seconds = calibration_seconds_per_iteration(log.read_text(encoding="utf-8", errors="replace"))
     if not seconds > 0:
         raise RuntimeError(f"no 'train seconds/iteration' in {log}")
     return seconds
