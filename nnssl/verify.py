@@ -119,7 +119,7 @@ def _verify_natural_image(path: Path) -> None:
 def _verify_generic(path: Path) -> None:
     import SimpleITK as sitk
 
-    expected, size = _expected_voxel_bytes(path)
+    _, size = _expected_voxel_bytes(path)
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic == b"\x1f\x8b":
@@ -130,7 +130,6 @@ def _verify_generic(path: Path) -> None:
         raise DataFileError(f"{path}: unreadable or corrupt image file ({_last_line(e)})") from e
     if tuple(image.GetSize()) != size:
         raise DataFileError(f"{path}: the header declares size {size} but {image.GetSize()} voxels were read")
-    del expected
 
 
 def verify_image_file(path: str | os.PathLike) -> None:

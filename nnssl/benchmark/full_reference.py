@@ -27,7 +27,7 @@ import json
 import os
 from pathlib import Path
 
-from nnssl.io import atomic_output_dir, atomic_write_json
+from nnssl.io import atomic_output_dir
 from nnssl.pseudolabel.dataset import (
     SPLIT_KEYS as PSEUDO_LABEL_SPLIT_KEYS,
 )
@@ -36,10 +36,12 @@ from nnssl.pseudolabel.dataset import (
     _copy_case,
     _copy_label,
     check_new_dataset_id,
+    copy_test_set,
     derive_splits,
     discard_stale_derived_data,
     link_validation_cases,
     preprocess_with_source_plans,
+    write_derived_dataset_json,
 )
 from nnssl.split import SPLIT_FILE_NAME, SSLSplit, load_and_validate, save_split, validate_split_against_raw
 
@@ -90,20 +92,10 @@ def write_full_label_dataset(source: RawDataset, destination: str | os.PathLike)
         for case_id in source.split.unlabeled:  # the withheld label becomes a training label, here and only here
             _copy_case(source, "imagesUnlabeled", case_id, tmp, "imagesTr")
             _copy_label(source.root / WITHHELD_FOLDER / f"{case_id}{ending}", tmp, "labelsTr", case_id, ending)
-        for case_id in source.split.test:
-            _copy_case(source, "imagesTs", case_id, tmp, "imagesTs")
-            truth = source.root / "labelsTs" / f"{case_id}{ending}"
-            if truth.is_file():
-                _copy_label(truth, tmp, "labelsTs", case_id, ending)
-        dataset_json = dict(source.dataset_json)
-        dataset_json["name"] = destination.name.split("_", 1)[-1]
-        dataset_json["numTraining"] = len(split.labeled)
-        for key, ids in (("numUnlabeled", split.unlabeled), ("numTest", split.test)):
-            if key in dataset_json:  # optional counts some converters add
-                dataset_json[key] = len(ids)
-        dataset_json["description"] = (f"{source.name} with every unlabeled case's withheld label: the fully "
-                                       f"supervised reference of nnssl_benchmark")
-        atomic_write_json(tmp / "dataset.json", dataset_json)
+        copy_test_set(source, tmp)
+        write_derived_dataset_json(source, destination, split, tmp,
+                                   f"{source.name} with every unlabeled case's withheld label: the fully "
+                                   f"supervised reference of nnssl_benchmark")
         save_split(split, tmp / SPLIT_FILE_NAME)
         validate_split_against_raw(split, tmp, strict=True)
     return split

@@ -165,6 +165,28 @@ def _copy_label(src: Path, dst_root: Path, dst_folder: str, new_id: str, file_en
     _link_or_copy(src, dst_root / dst_folder / f"{new_id}{file_ending}")
 
 
+def copy_test_set(source: RawDataset, dst_root: Path) -> None:
+    """The source's test cases (and their labels where it has them) into a derived dataset, unchanged."""
+    for case_id in source.split.test:
+        _copy_case(source, "imagesTs", case_id, dst_root, "imagesTs")
+        truth = source.root / "labelsTs" / f"{case_id}{source.file_ending}"
+        if truth.is_file():
+            _copy_label(truth, dst_root, "labelsTs", case_id, source.file_ending)
+
+
+def write_derived_dataset_json(source: RawDataset, destination: Path, split: SSLSplit, dst_root: Path,
+                               description: str) -> None:
+    """The source's dataset.json with the derived dataset's name, case counts and ``description``."""
+    dataset_json = dict(source.dataset_json)
+    dataset_json["name"] = Path(destination).name.split("_", 1)[-1]
+    dataset_json["numTraining"] = len(split.labeled)
+    for key, ids in (("numUnlabeled", split.unlabeled), ("numTest", split.test)):
+        if key in dataset_json:  # optional counts some converters add
+            dataset_json[key] = len(ids)
+    dataset_json["description"] = description
+    atomic_write_json(dst_root / "dataset.json", dataset_json)
+
+
 def new_split(source: RawDataset, selected: Sequence[str], round_info: dict[str, Any]) -> SSLSplit:
     """The new roles: labeled + pl_<selected>, remaining unlabeled, same test; provenance appended."""
     chosen = set(selected)
@@ -202,11 +224,7 @@ def write_pseudo_labeled_dataset(source: RawDataset, destination: str | os.PathL
         for case_id in selected:
             _copy_case(source, "imagesUnlabeled", case_id, tmp, "imagesTr", pseudo_id(case_id))
             _copy_label(pseudo_label_files[case_id], tmp, "labelsTr", pseudo_id(case_id), ending)
-        for case_id in source.split.test:
-            _copy_case(source, "imagesTs", case_id, tmp, "imagesTs")
-            truth = source.root / "labelsTs" / f"{case_id}{ending}"
-            if truth.is_file():
-                _copy_label(truth, tmp, "labelsTs", case_id, ending)
+        copy_test_set(source, tmp)
         for case_id in split.unlabeled:
             _copy_case(source, "imagesUnlabeled", case_id, tmp, "imagesUnlabeled")
             withheld = source.root / "labelsUnlabeled" / f"{case_id}{ending}"
@@ -214,15 +232,9 @@ def write_pseudo_labeled_dataset(source: RawDataset, destination: str | os.PathL
                 _copy_label(withheld, tmp, "labelsUnlabeled", case_id, ending)
         (tmp / "imagesUnlabeled").mkdir(exist_ok=True)  # may be empty when every case was selected
 
-        dataset_json = dict(source.dataset_json)
-        dataset_json["name"] = destination.name.split("_", 1)[-1]
-        dataset_json["numTraining"] = len(split.labeled)
-        for key, ids in (("numUnlabeled", split.unlabeled), ("numTest", split.test)):
-            if key in dataset_json:  # optional counts some converters add
-                dataset_json[key] = len(ids)
-        dataset_json["description"] = (f"{source.name} + {len(selected)} pseudo-labeled cases (ids {PSEUDO_PREFIX}*) "
-                                       f"made by nnssl_pseudolabel; see {REPORT_MD}")
-        atomic_write_json(tmp / "dataset.json", dataset_json)
+        write_derived_dataset_json(source, destination, split, tmp,
+                                   f"{source.name} + {len(selected)} pseudo-labeled cases (ids {PSEUDO_PREFIX}*) "
+                                   f"made by nnssl_pseudolabel; see {REPORT_MD}")
         save_split(split, tmp / SPLIT_FILE_NAME)
         atomic_write_json(tmp / REPORT_JSON, report)
         atomic_write_text(tmp / REPORT_MD, report_markdown)
