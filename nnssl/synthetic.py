@@ -314,6 +314,7 @@ def make_synthetic_dataset(
     overwrite: bool = False,
     voxel_scale: float = 1.0,
     n_val: int = 0,
+    labeled_scanner: int | None = None,
 ) -> Path:
     """Write ``raw_root/Dataset{id:03d}_{name}`` in the nnssl raw-format contract and return its path.
 
@@ -321,10 +322,13 @@ def make_synthetic_dataset(
     labelsUnlabeled, test cases to imagesTs/labelsTs. ``imbalanced`` (3D) makes the adrenal a few dozen voxels
     against thousands of liver voxels; (2D) it makes lesions smaller. ``voxel_scale`` (3D) samples the same
     anatomy with voxels that many times larger (1.5: 21x32x32 voxels of 4.5x2.25x2.25 mm, about 3.4x fewer voxels,
-    for CPU benchmarks). The folder appears only when complete.
+    for CPU benchmarks). ``labeled_scanner`` (cardiac) draws every labeled case from that acquisition style
+    (unlabeled, validation and test cases from all of them). The folder appears only when complete.
     """
     if voxel_scale <= 0 or (kind != "3d" and voxel_scale != 1.0):
         raise ValueError(f"voxel_scale must be > 0 and is for kind '3d' only (got {voxel_scale} for '{kind}')")
+    if labeled_scanner is not None and kind != "cardiac":
+        raise ValueError(f"labeled_scanner is for kind 'cardiac' only (got it for '{kind}')")
     name = name or DEFAULT_NAMES.get(kind, "")
     _check_arguments(dataset_id, kind, n_labeled, n_unlabeled, n_test, name)
     raw_root = Path(raw_root)
@@ -357,7 +361,8 @@ def make_synthetic_dataset(
                 _write_nifti(label, spacing, out / lab_dir / f"{case}{ending}")
             else:
                 if kind == "cardiac":
-                    image, label, scanners[case] = synthetic_cardiac.make_case(rng)
+                    forced = labeled_scanner if case in labeled else None
+                    image, label, scanners[case] = synthetic_cardiac.make_case(rng, scanner=forced)
                 else:
                     image, label = _make_case_2d(rng, has_lesion=case not in normal, imbalanced=imbalanced)
                 _write_png(image, out / img_dir / f"{case}_0000{ending}")
@@ -381,6 +386,7 @@ def make_synthetic_dataset(
             extra["normal_cases"] = sorted(normal)
         if kind == "cardiac":
             extra["scanner_of_case"] = dict(sorted(scanners.items()))
+            extra["labeled_scanner"] = labeled_scanner
         if val:
             extra["val"] = val
         split = SSLSplit(labeled, unlabeled, test, seed=seed, origin="synthetic", extra=extra)
@@ -408,6 +414,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--balanced", action="store_true", help="no class imbalance (3D adrenal as large as a kidney)")
     p.add_argument("--voxel-scale", type=float, default=1.0,
                    help="3d: voxels this many times the default 3x1.5x1.5 mm, same field of view (default 1)")
+    p.add_argument("--labeled-scanner", type=int, default=None,
+                   help="cardiac: draw every labeled case from this acquisition style (0..2; default: any)")
     p.add_argument("--name", default=None, help="dataset name (default Synthetic3D / Synthetic2D)")
     p.add_argument("--raw", default=None, help="raw data root (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
@@ -423,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
         path = make_synthetic_dataset(
             raw, args.dataset_id, kind=args.kind, n_labeled=args.labeled, n_unlabeled=args.unlabeled,
             n_test=args.test, seed=args.seed, imbalanced=not args.balanced, name=args.name, overwrite=args.overwrite,
-            voxel_scale=args.voxel_scale, n_val=args.val,
+            voxel_scale=args.voxel_scale, n_val=args.val, labeled_scanner=args.labeled_scanner,
         )
     except (ValueError, FileExistsError) as e:
         raise SystemExit(f"nnssl_make_synthetic: {e}") from e

@@ -11,7 +11,9 @@ What makes it hard enough that labels are worth having and unlabeled images can 
   so intensity alone does not segment it;
 - **scanner-like domain shift**: every case is drawn from one of ``N_SCANNERS`` acquisition styles (contrast curve,
   blood/myocardium contrast, noise level, bias-field strength, blur, ghosting), so a handful of labeled cases does
-  not cover the intensity distribution that the unlabeled cases show.
+  not cover the intensity distribution that the unlabeled cases show. ``make_case(rng, scanner=0)`` forces one
+  style: the benchmark's labeled cases come from one site, the unlabeled and test cases from all three, the
+  common situation in which unlabeled images are worth the most.
 
 Drawn in pixel units on a ``SHAPE`` grid (PNG, spacing 1 as nnU-Net's NaturalImage2DIO reads it).
 """
@@ -52,11 +54,18 @@ def _smooth_noise(rng: np.random.Generator, sigma: float) -> np.ndarray:
     return field / (field.std() + 1e-8)
 
 
-def make_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, int]:
-    """One short-axis slice: ``(image uint8, label uint8 in 0..3, scanner index)``."""
+def make_case(rng: np.random.Generator, scanner: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """One short-axis slice: ``(image uint8, label uint8 in 0..3, scanner index)``.
+
+    ``scanner`` forces the acquisition style (``None``: drawn at random). The draw is made either way, so a forced
+    case has the same anatomy as the unforced case of the same ``rng``.
+    """
     rows, cols = np.indices(SHAPE, dtype=np.float64)
     h, w = SHAPE
-    scanner = int(rng.integers(N_SCANNERS))
+    drawn = int(rng.integers(N_SCANNERS))
+    if scanner is not None and not 0 <= scanner < N_SCANNERS:
+        raise ValueError(f"scanner must be in 0..{N_SCANNERS - 1}, got {scanner}")
+    scanner = drawn if scanner is None else scanner
     gamma_range, contrast, noise_range, bias_strength, blur, ghost = _SCANNERS[scanner]
 
     # Body and lungs: an elliptical thorax with two dark lungs, the heart between them.

@@ -257,3 +257,23 @@ def test_validation_cases_leave_the_other_roles_unchanged(tmp_path):
     assert (plain.labeled, plain.unlabeled, plain.test) == (with_val.labeled, with_val.unlabeled, with_val.test)
     with pytest.raises(ValueError, match="n_val"):
         make_synthetic_dataset(tmp_path / "c", 512, kind="cardiac", n_val=-1, **SMALL)
+
+
+def test_labeled_cases_from_one_site_keep_anatomy_and_roles(tmp_path):
+    mixed = make_synthetic_dataset(tmp_path / "a", 513, kind="cardiac", n_labeled=4, n_unlabeled=8, n_test=3, seed=5)
+    one_site = make_synthetic_dataset(tmp_path / "b", 513, kind="cardiac", n_labeled=4, n_unlabeled=8, n_test=3,
+                                      seed=5, labeled_scanner=1)
+    split_m, split_o = load_split(mixed / "ssl_split.json"), load_split(one_site / "ssl_split.json")
+    assert (split_m.labeled, split_m.unlabeled, split_m.test) == (split_o.labeled, split_o.unlabeled, split_o.test)
+    scanners = split_o.extra["scanner_of_case"]
+    assert {scanners[c] for c in split_o.labeled} == {1} and split_o.extra["labeled_scanner"] == 1
+    assert len({scanners[c] for c in split_o.unlabeled + split_o.test}) > 1
+    for case in split_o.labeled:  # same anatomy (label), only the acquisition style is forced
+        assert (mixed / "labelsTr" / f"{case}.png").read_bytes() == (one_site / "labelsTr" / f"{case}.png").read_bytes()
+    for case in split_o.unlabeled:  # the other roles are untouched
+        assert ((mixed / "imagesUnlabeled" / f"{case}_0000.png").read_bytes()
+                == (one_site / "imagesUnlabeled" / f"{case}_0000.png").read_bytes())
+    with pytest.raises(ValueError, match="labeled_scanner"):
+        make_synthetic_dataset(tmp_path / "c", 514, kind="2d", labeled_scanner=0, **SMALL)
+    with pytest.raises(ValueError, match="scanner"):
+        make_synthetic_dataset(tmp_path / "d", 515, kind="cardiac", labeled_scanner=7, **SMALL)

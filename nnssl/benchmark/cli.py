@@ -926,7 +926,8 @@ def make_synthetic(root: Path, preset: SyntheticPreset, seed: int) -> None:
 
     raw = make_synthetic_dataset(root / "nnUNet_raw", preset.dataset_id, preset.kind, n_labeled=preset.n_labeled,
                                  n_unlabeled=preset.n_unlabeled, n_test=preset.n_test, n_val=preset.n_val, seed=seed,
-                                 overwrite=True, voxel_scale=preset.voxel_scale)
+                                 overwrite=True, voxel_scale=preset.voxel_scale,
+                                 labeled_scanner=preset.labeled_scanner)
     env = {**os.environ, "nnUNet_raw": str(root / "nnUNet_raw"),
            "nnUNet_preprocessed": str(root / "nnUNet_preprocessed"), "nnUNet_n_proc_DA": "2"}
     _run(["nnssl_plan_and_preprocess", "-d", str(preset.dataset_id), "-c", preset.configuration, "-np", "2"], env,
