@@ -54,8 +54,8 @@ def _add_common_arguments(parser: argparse.ArgumentParser, command: DatasetComma
                        help="your own split: a JSON file with labeled/unlabeled/test[/val] lists, or a text file "
                             "listing the labeled ids")
     split.add_argument("--splits-dir", type=Path, metavar="DIR",
-                       help="folder of published split lists (default: $NNSSL_SPLITS_DIR, else shared/datasets/splits "
-                            "inside or above the repository)")
+                       help="folder of published split lists (default: $NNSSL_SPLITS_DIR, else the lists that ship "
+                            "with nnssl)")
     split.add_argument("--test-fraction", type=float, metavar="T",
                        help="random mode: share of the labeled pool held out as test set (default: the dataset's "
                             "own test set if it has one, else the papers' share)")

@@ -57,6 +57,7 @@ ROLE_FOLDERS: dict[str, tuple[str, str]] = {
     "val": ("imagesVal", "labelsVal"),
 }
 SPLITS_DIR_ENV = "NNSSL_SPLITS_DIR"
+PACKAGED_SPLITS = "paper_splits"  # package data of nnssl.data
 # A folder with both files is a dataset nnssl wrote; --overwrite replaces nothing else.
 NNSSL_DATASET_MARKERS = ("dataset.json", "ssl_split.json")
 MAX_SEED = 2**32 - 1  # numpy's RandomState accepts seeds in [0, 2**32 - 1]
@@ -598,8 +599,9 @@ class RoleAssignment:
 
 
 def find_splits_dir(explicit: str | os.PathLike | None = None) -> Path:
-    """The folder of published split lists: ``explicit``, else ``$NNSSL_SPLITS_DIR``, else a
-    ``shared/datasets/splits`` folder inside or above the repository."""
+    """The folder of published split lists: ``explicit``, else ``$NNSSL_SPLITS_DIR``, else the copy that ships
+    with the package (``nnssl/data/paper_splits``, read with :mod:`importlib.resources`, so an installed nnssl
+    finds it without the source tree)."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_dir():
@@ -610,15 +612,18 @@ def find_splits_dir(explicit: str | os.PathLike | None = None) -> Path:
         if not Path(env).is_dir():
             raise ConversionError(f"${SPLITS_DIR_ENV}={env}: folder not found")
         return Path(env)
-    repo = Path(__file__).resolve().parents[1]
-    tried = []
-    for base in (repo, *repo.parents):
-        candidate = base / "shared" / "datasets" / "splits"
-        tried.append(str(candidate))
-        if candidate.is_dir():
-            return candidate
-    raise ConversionError("published split lists not found: pass --splits-dir DIR or set "
-                          f"${SPLITS_DIR_ENV} (looked in {', '.join(tried[:3])}, ...)")
+    return packaged_splits_dir()
+
+
+def packaged_splits_dir() -> Path:
+    """``nnssl/data/paper_splits`` of the installed package (a real folder: nnssl is never installed zipped)."""
+    from importlib.resources import files
+
+    folder = files("nnssl.data") / PACKAGED_SPLITS
+    if not isinstance(folder, Path) or not folder.is_dir():
+        raise ConversionError(f"the published split lists that ship with nnssl ({folder}) are missing from this "
+                              f"installation: reinstall nnssl, or pass --splits-dir DIR / set ${SPLITS_DIR_ENV}")
+    return folder
 
 
 def read_published_list(splits_dir: Path, relative: str) -> list[str]:

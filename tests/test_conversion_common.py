@@ -31,6 +31,7 @@ from dataset_conversion.common import (
     find_splits_dir,
     label_to_uint8,
     match_files,
+    read_published_list,
     walk_raw_tree,
 )
 
@@ -256,11 +257,12 @@ def test_find_splits_dir_order(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="NNSSL_SPLITS_DIR"):
         find_splits_dir()
     monkeypatch.delenv(common.SPLITS_DIR_ENV)
-    monkeypatch.setattr(common, "__file__", str(tmp_path / "repo" / "dataset_conversion" / "common.py"))
-    with pytest.raises(ConversionError, match="published split lists not found: pass --splits-dir"):
+    packaged = find_splits_dir()  # the lists that ship with the package
+    assert packaged.parts[-3:] == ("nnssl", "data", "paper_splits") and (packaged / "PROVENANCE.md").is_file()
+    assert len(read_published_list(packaged, "DHC/amos/labeled_2p.txt")) == 4
+    monkeypatch.setattr(common, "PACKAGED_SPLITS", "missing_folder")
+    with pytest.raises(ConversionError, match="missing from this installation"):
         find_splits_dir()
-    (tmp_path / "shared" / "datasets" / "splits").mkdir(parents=True)
-    assert find_splits_dir() == tmp_path / "shared" / "datasets" / "splits"
 
 
 # ----------------------------------------------------------------------------------------------- CLI rules

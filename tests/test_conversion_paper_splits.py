@@ -1,5 +1,6 @@
-"""``--split paper`` readers against the real published lists (shared/datasets/splits, see its README): counts,
-file order, id normalisation and disjoint roles. Skipped when the lists are not available."""
+"""``--split paper`` readers against the real published lists that ship with the package
+(``nnssl/data/paper_splits``, provenance in its PROVENANCE.md): counts, file order, id normalisation and disjoint
+roles."""
 
 from __future__ import annotations
 
@@ -8,11 +9,7 @@ import pytest
 from dataset_conversion import acdc, amos, busi, flare22, la, pancreas, synapse
 from dataset_conversion.common import ConversionError, SplitOptions, find_splits_dir
 
-try:
-    SPLITS = find_splits_dir()
-except ConversionError:
-    SPLITS = None
-pytestmark = pytest.mark.skipif(SPLITS is None, reason="published split lists (shared/datasets/splits) not found")
+SPLITS = find_splits_dir()
 
 
 def roles(rules, **options):
