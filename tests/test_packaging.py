@@ -4,6 +4,7 @@ read without the source tree."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_paper_splits_ship_with_an_installed_copy(tmp_path):
+    # a copy of the project's sources (pip builds in the source folder: the checkout stays untouched)
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("nnssl", "nnssl_trainers", "dataset_conversion"):
+        shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--target", str(site), str(REPO)], check=True, cwd=tmp_path, capture_output=True)
+                    "--target", str(site), str(source)], check=True, cwd=tmp_path, capture_output=True)
     assert not (site / "nnssl" / "data" / "paper_splits").is_symlink()
     code = ("from dataset_conversion.common import find_splits_dir, read_published_list; "
             "import nnssl; d = find_splits_dir(); "
