@@ -18,17 +18,8 @@ import copy
 import torch
 from torch import nn
 
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside ``torch.compile`` (``OptimizedModule._orig_mod``) and DDP/DataParallel (``.module``)
-    wrappers, in any nesting order."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+from nnssl.tensors import unwrap
+from nnssl.tensors import unwrap as unwrap_model  # noqa: F401  (the name tests and older code import)
 
 
 def make_ema_teacher(student: nn.Module) -> nn.Module:
@@ -36,7 +27,7 @@ def make_ema_teacher(student: nn.Module) -> nn.Module:
 
     The copy keeps the student's train/eval mode; SSL4MIS runs the teacher forward in train mode under no_grad.
     """
-    teacher = copy.deepcopy(unwrap_model(student))
+    teacher = copy.deepcopy(unwrap(student))
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
     return teacher
@@ -76,7 +67,7 @@ def update_ema_(teacher: nn.Module, student: nn.Module, decay: float, step: int,
     student stays bit-identical (``θ' + (1-α)(θ - θ')`` with ``θ = θ'`` adds exactly 0).
     """
     alpha = ema_alpha(decay, step)
-    teacher, student = unwrap_model(teacher), unwrap_model(student)
+    teacher, student = unwrap(teacher), unwrap(student)
     pairs = _paired(list(teacher.named_parameters()), list(student.named_parameters()), "parameters")
     if include_buffers:
         pairs += _paired(list(teacher.named_buffers()), list(student.named_buffers()), "buffers")
@@ -89,3 +80,14 @@ def update_ema_(teacher: nn.Module, student: nn.Module, decay: float, step: int,
         else:
             teacher_tensor.lerp_(source, 1.0 - alpha)
     return alpha
+
+
+# update_ema_ warms the decay up as min(1 - 1/(step+1), decay); BCP/SDCL use the constant decay from the first
+# step, which this step value reaches for any decay below 1 - 1e-9
+CONSTANT_DECAY_STEP = 10**9
+
+
+@torch.no_grad()
+def update_teacher_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """``θ_T ← decay · θ_T + (1 − decay) · θ_S`` with a constant decay (BCP/SDCL ``update_ema_variables``)."""
+    update_ema_(teacher, student, decay, CONSTANT_DECAY_STEP)

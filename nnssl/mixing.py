@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["BCPBatch", "bcp_mask", "bcp_mix", "bcp_mix_targets", "bcp_region_weights", "bidirectional_copy_paste"]
@@ -165,3 +166,105 @@ def bidirectional_copy_paste(
         weight_l=bcp_region_weights(mask, unlabeled_weight, labeled_weight, n).to(lab_a.device),
         weight_u=bcp_region_weights(mask, labeled_weight, unlabeled_weight, n).to(lab_a.device),
     )
+
+
+# ------------------------------------------------------------------ BCP mixes with nnU-Net's deep-supervision targets
+def rolled_pairs(n_mixes: int, batch_size: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """Indices ``(a, b)`` of the samples a batch contributes to ``n_mixes`` copy-paste pairs.
+
+    ``a[i] = i mod B`` and ``b[i] = (i − 1) mod B``: the batch paired with itself rolled by one, so every sample is
+    used as a and as b, ``a[i] ≠ b[i]`` whenever ``B > 1``, and ``B = 1`` pairs the sample with itself.
+    """
+    if n_mixes < 1 or batch_size < 1:
+        raise ValueError(f"rolled_pairs: n_mixes and batch_size must be >= 1, got {n_mixes}, {batch_size}")
+    i = torch.arange(n_mixes, device=device)
+    return i % batch_size, (i - 1) % batch_size
+
+
+def label_volume(labels: Tensor, spatial_dims: int, name: str = "labels") -> Tensor:
+    """Integer labels (N, *spatial) or (N, 1, *spatial) in nnU-Net's target layout (N, 1, *spatial), long."""
+    if labels.ndim == spatial_dims + 1:
+        labels = labels.unsqueeze(1)
+    if labels.ndim != spatial_dims + 2 or labels.shape[1] != 1:
+        raise ValueError(f"{name}: expected (N, 1, *spatial) or (N, *spatial) with {spatial_dims} spatial dims, "
+                         f"got shape {tuple(labels.shape)}")
+    return (labels.round() if labels.is_floating_point() else labels).long()
+
+
+def downsample_nearest(x: Tensor, spatial_shape: Sequence[int]) -> Tensor:
+    """(N, C, *spatial) or (*spatial) resized with nearest-exact interpolation (nnU-Net's deep-supervision label
+    downsampling, ``DownsampleSegForDSTransform``); the dtype is kept."""
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    if tuple(x.shape[-len(spatial_shape):]) == spatial_shape:
+        return x
+    batched = x if x.ndim == len(spatial_shape) + 2 else x[None, None]
+    out = F.interpolate(batched.float(), spatial_shape, mode="nearest-exact").to(x.dtype)
+    return out if x.ndim == len(spatial_shape) + 2 else out[0, 0]
+
+
+class MixedBatch(NamedTuple):
+    """One copy-pasted batch: the image and, per deep-supervision output, target, region weight ω and mask M."""
+
+    images: Tensor  # (n, C, *spatial)
+    targets: list[Tensor]  # per output (n, 1, *spatial_i), long
+    weights: list[Tensor]  # per output (n, *spatial_i), float32
+    masks: list[Tensor]  # per output (*spatial_i): M (1 = region of the "a" sample)
+
+
+def labeled_copy_paste(images: Tensor, targets: Sequence[Tensor], mask: Tensor, pairs: tuple[Tensor, Tensor]
+                       ) -> MixedBatch:
+    """Stage-1 mix (docs/methods/sdcl.md): ``X = L_a ⊙ M + L_b ⊙ (1 − M)``, ``Y_i = GT_a,i ⊙ M_i + GT_b,i ⊙ (1 − M_i)``
+    for every deep-supervision target ``i`` (``M_i`` = M downsampled like the labels); weights are 1."""
+    a, b = pairs
+    out_targets, out_weights, out_masks = [], [], []
+    for target in targets:
+        gt = label_volume(target, mask.ndim, "targets")
+        m = downsample_nearest(mask, gt.shape[2:])
+        out_targets.append(bcp_mix_targets(gt[a], gt[b], m))
+        out_weights.append(bcp_region_weights(m, 1.0, 1.0, len(a)))
+        out_masks.append(m)
+    return MixedBatch(bcp_mix(images[a], images[b], mask), out_targets, out_weights, out_masks)
+
+
+def bidirectional_copy_paste_ds(labeled: Tensor, labeled_targets: Sequence[Tensor], unlabeled: Tensor,
+                                pseudo_labels: Tensor, mask: Tensor, labeled_pairs: tuple[Tensor, Tensor],
+                                unlabeled_pairs: tuple[Tensor, Tensor], labeled_weight: float = 1.0,
+                                unlabeled_weight: float = 0.5) -> tuple[MixedBatch, MixedBatch]:
+    """Stage-2 BCP mixes (docs/methods/sdcl.md) ``(X_l, X_u)`` with targets and weights for every deep-supervision
+    output.
+
+    Full resolution is :func:`bidirectional_copy_paste`; for the lower outputs the pseudo-labels and M
+    are downsampled with nearest-exact interpolation (as nnU-Net downsamples labels) and mixed with nnU-Net's
+    downsampled ground truth, which equals downsampling the full-resolution mixed target.
+
+    Args:
+        labeled: (N_l, C, *spatial); labeled_targets: nnU-Net's targets, full resolution first, (N_l, 1, *sp_i).
+        unlabeled: (N_u, C, *spatial); pseudo_labels: (N_u, *spatial) or (N_u, 1, *spatial).
+        mask: (*spatial) from :func:`bcp_mask`.
+        labeled_pairs / unlabeled_pairs: ``(a, b)`` index tensors of equal length n (:func:`rolled_pairs`).
+    """
+    la, lb = labeled_pairs
+    ua, ub = unlabeled_pairs
+    if len(la) != len(ua):
+        raise ValueError(f"unlabeled_pairs: {len(ua)} pairs but labeled_pairs has {len(la)}")
+    gts = [label_volume(t, mask.ndim, "labeled_targets") for t in labeled_targets]
+    pl = label_volume(pseudo_labels, mask.ndim, "pseudo_labels")
+    if pl.shape[2:] != gts[0].shape[2:]:
+        raise ValueError(f"pseudo_labels: spatial shape {tuple(pl.shape[2:])} != labeled_targets[0] "
+                         f"{tuple(gts[0].shape[2:])}")
+    full = bidirectional_copy_paste(labeled[la], labeled[lb], unlabeled[ua], unlabeled[ub], gts[0][la], gts[0][lb],
+                                    pl[ua], pl[ub], mask, labeled_weight, unlabeled_weight)
+    mixed_l = MixedBatch(full.x_l, [full.y_l], [full.weight_l], [mask])
+    mixed_u = MixedBatch(full.x_u, [full.y_u], [full.weight_u], [mask])
+    n = len(la)
+    for gt in gts[1:]:
+        shape = gt.shape[2:]
+        m = downsample_nearest(mask, shape)
+        pl_i = downsample_nearest(pl, shape)
+        mixed_l.targets.append(bcp_mix_targets(pl_i[ua], gt[lb], m))
+        mixed_l.weights.append(bcp_region_weights(m, unlabeled_weight, labeled_weight, n))
+        mixed_l.masks.append(m)
+        mixed_u.targets.append(bcp_mix_targets(gt[la], pl_i[ub], m))
+        mixed_u.weights.append(bcp_region_weights(m, labeled_weight, unlabeled_weight, n))
+        mixed_u.masks.append(m)
+    return mixed_l, mixed_u

@@ -48,7 +48,9 @@ class ConsistencyWeight:
     or epochs.
 
     Examples: SSL4MIS Mean Teacher / CPS and GuidedNet: ``ConsistencyWeight(0.1, 200, "iteration")``;
-    DHC: ``ConsistencyWeight(0.1, max_epoch, "epoch")``; MGCC: ``ConsistencyWeight(7.0, 200, "iteration")``.
+    DHC: ``ConsistencyWeight(0.1, max_epoch, "epoch", delay=1)`` (its weight is recomputed at the end of each
+    epoch, so epoch ``e`` trains with ``r(e - 1)``); MGCC: ``ConsistencyWeight(7.0, 200, "iteration")``. ``delay``
+    shifts the ramp: ``t -> max(t - delay, 0)``.
     """
 
     max_weight: float
@@ -56,6 +58,7 @@ class ConsistencyWeight:
     unit: RampUnit = "iteration"
     iter_divisor: int = 150
     shape: RampShape = "sigmoid"
+    delay: int = 0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_weight):
@@ -67,12 +70,14 @@ class ConsistencyWeight:
             raise ValueError(f"ConsistencyWeight.shape must be 'sigmoid' or 'linear', got {self.shape!r}")
         if int(self.iter_divisor) != self.iter_divisor or self.iter_divisor < 1:
             raise ValueError(f"ConsistencyWeight.iter_divisor must be an integer >= 1, got {self.iter_divisor!r}")
+        if int(self.delay) != self.delay or self.delay < 0:
+            raise ValueError(f"ConsistencyWeight.delay must be an integer >= 0, got {self.delay!r}")
 
     def ramp_time(self, iteration: int, epoch: int) -> float:
-        """The ``t`` fed to the ramp: ``iteration // iter_divisor`` (integer division, as SSL4MIS) or ``epoch``."""
-        if self.unit == "iteration":
-            return float(int(iteration) // int(self.iter_divisor))
-        return float(epoch)
+        """The ``t`` fed to the ramp: ``iteration // iter_divisor`` (integer division, as SSL4MIS) or ``epoch``,
+        minus ``delay`` (never below 0)."""
+        t = int(iteration) // int(self.iter_divisor) if self.unit == "iteration" else int(epoch)
+        return float(max(t - int(self.delay), 0))
 
     def __call__(self, iteration: int, epoch: int) -> float:
         ramp = sigmoid_rampup if self.shape == "sigmoid" else linear_rampup

@@ -7,8 +7,10 @@ from nnssl.class_weight_diagnostics import plot_class_weights, record_epoch, sav
 from nnssl.debiasing import DifficultyAwareWeighting, DistributionAwareWeighting, class_histogram
 from nnssl.losses.cps import cross_pseudo_supervision_loss, hard_pseudo_label
 from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
-from nnssl.ramps import sigmoid_rampup
-from nnssl_trainers.base import nnUNetTrainerSSLBase
+from nnssl.ramps import ConsistencyWeight
+from nnssl.tensors import argmax_agreement, as_list
+from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.step import SSLTerms
 
 DIFFDW_LOG = "diffdw_network_a"
 DISTDW_LOG = "distdw_network_b"
@@ -20,7 +22,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
 
     Two networks of the plans' architecture, both with nnU-Net's kaiming (He) initialisation from different
     random draws, as ``train_dhc.py`` initialises both V-Nets with kaiming-normal: A = ``self.network``, weighted by
-    DiffDW; B = extra trainable network ``"network_b"`` (own optimizer and lr schedule), weighted by DistDW.
+    DiffDW; B = the declared second network ``"network2"`` (own optimizer and lr schedule), weighted by DistDW.
     Per iteration, on the batch ``x = [x_l; x_u]`` (docs/methods/dhc.md)::
 
         w_A = DiffDW(argmax z_l^A, y)          difficulty: learn/unlearn EMAs of the per-class hard Dice,
@@ -36,7 +38,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
     in the core functions: uniform counts give ``K * ones`` (no 0/0), and a weighted CE whose pseudo-labels all carry
     weight 0 (all-background batch with DistDW's background weight 0) returns 0 with zero gradients.
 
-    Consistency ramp as DHC: per **epoch**, length = ``num_epochs`` (``cps_rampup_epochs`` overrides), weight
+    Consistency ramp as DHC: per **epoch**, length = ``num_epochs`` (``rampup_epochs`` overrides), weight
     0.1. DHC computes ``cps_w = w * r(0)`` before training and recomputes it at the end of each epoch ``e`` as
     ``w * r(e)``, so epoch ``e`` trains with ``w * r(max(e - 1, 0))``; here it is that function of
     ``current_epoch`` (nothing to checkpoint, exact after ``--c``). With nnU-Net's 1000 epochs the ramp is
@@ -52,10 +54,11 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
 
     Inference (``nnUNetv2_predict -tr nnUNetTrainerDHC``) uses **network A** (``network_weights``): nnU-Net
     predicts with one network, while DHC evaluates the average of A's and B's logits. B is in the checkpoint
-    under ``nnssl_state['extra_networks']['network_b']``.
+    under ``nnssl_state['extra_networks']['network2']`` (``network_b`` in checkpoints of nnssl 0.1, still read).
 
-    Logged: ``loss_sup_a``, ``loss_sup_b``, ``loss_cps``, ``cps_weight``, ``agreement`` (fraction of voxels where
-    argmax A == argmax B, whole batch) in ``ssl_progress``; the epoch mean of each class weight of A (DiffDW) and B
+    Logged: the common keys (``loss_supervised`` = A + B, ``loss_unsupervised`` = L_cps, ``unsupervised_weight``,
+    ``agreement``: argmax A == argmax B over the whole batch, confidence on unlabeled voxels) and
+    ``dhc_loss_supervised_a`` / ``_b`` in ``ssl_progress``; the epoch mean of each class weight of A (DiffDW) and B
     (DistDW) in the log, ``dhc_class_weights.json`` and ``dhc_class_weights.png``. DiffDW state (last_dice,
     learn, unlearn, dice_weight, weights), DistDW weights, the initial labeled class counts and the class-weight
     log are saved under ``nnssl_state['dhc']`` and restored by ``--c``.
@@ -69,8 +72,14 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
     weights are per class).
     """
 
-    cps_weight: float = 0.1
-    cps_rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
+    second_network = "kaiming"  # different random draw of the same init: DHC trains two kaiming-initialised V-Nets
+    unsupervised_weight = 0.1
+    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
+    log_prefix = "dhc"
+    legacy_network_names = {"network_b": "network2"}
+    supports_regions = False
+    supports_ignore_label = False
+    unsupported_reason = "DiffDW/DistDW weight plain label classes"
     distdw_momentum: float = 0.99
     diffdw_accumulate_iters: int = 50
     diffdw_exponent: float = 1 / 5
@@ -78,9 +87,6 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        if self.label_manager.has_regions or self.label_manager.has_ignore_label:
-            raise ValueError(f"{type(self).__name__} needs plain label maps: DiffDW/DistDW weight classes, so "
-                             "region-based training and an ignore label are not supported by this trainer")
         self.num_classes = self.label_manager.num_segmentation_heads
         self.difficulty_weighting = DifficultyAwareWeighting(self.num_classes, self.diffdw_accumulate_iters,
                                                              self.diffdw_exponent)
@@ -100,14 +106,6 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         if isinstance(self.loss, DeepSupervisionWrapper):
             weighted = DeepSupervisionWrapper(weighted, self.loss.weight_factors)
         self.weighted_supervised_loss = weighted
-
-    def build_extra_networks(self) -> None:
-        # different random draw of the same (kaiming) initialisation: DHC trains two kaiming-initialised V-Nets
-        self.register_extra_network("network_b", self.new_network(), trainable=True)
-
-    @property
-    def network_b(self) -> torch.nn.Module:
-        return self.extra_networks["network_b"]
 
     def class_names(self) -> list[str]:
         names = {int(v): k for k, v in self.label_manager.label_dict.items() if isinstance(v, int)}
@@ -150,10 +148,10 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         _ = self.distribution_weighting  # read the labeled histogram now rather than inside the first step
 
     # ------------------------------------------------------------------ DHC step
-    def current_cps_weight(self) -> float:
+    def weight_schedule(self) -> ConsistencyWeight:
         """``0.1 * sigmoid_rampup(max(epoch - 1, 0), L)``: DHC's per-epoch value, recomputed after each epoch."""
-        length = self.num_epochs if self.cps_rampup_epochs is None else self.cps_rampup_epochs
-        return self.cps_weight * sigmoid_rampup(max(self.current_epoch - 1, 0), length)
+        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
+        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
 
     def update_class_weights(self, logits_a_labeled: torch.Tensor, target: torch.Tensor,
                              logits_b_unlabeled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,45 +161,32 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         weights_b = self.distribution_weighting.update(hard_pseudo_label(logits_b_unlabeled))
         return weights_a.to(logits_a_labeled.device), weights_b.to(logits_a_labeled.device)
 
-    def supervised_loss(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor | list[torch.Tensor],
-                        class_weights: torch.Tensor) -> torch.Tensor:
+    def weighted_supervised_loss_of(self, outputs: torch.Tensor | list[torch.Tensor],
+                                    target: torch.Tensor | list[torch.Tensor], class_weights: torch.Tensor
+                                    ) -> torch.Tensor:
         """Class-weighted DC+CE, over every deep-supervision scale when enabled (outputs/targets as lists)."""
         if isinstance(self.weighted_supervised_loss, DeepSupervisionWrapper):
             return self.weighted_supervised_loss(outputs, target, [class_weights] * len(outputs))
         return self.weighted_supervised_loss(outputs, target, class_weights)
 
-    def train_step(self, batch: dict) -> dict:
-        data, target, unlabeled = self.to_device(batch)
+    def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         n_l = data.shape[0]
-        self.zero_grad()
-        weight = self.current_cps_weight()
-        with self.autocast():
-            inputs = torch.cat((data, unlabeled))
-            outputs_a = _as_list(self.network(inputs))
-            outputs_b = _as_list(self.network_b(inputs))
-            full_a, full_b = outputs_a[0], outputs_b[0]
-            target_full = target[0] if isinstance(target, list) else target
-            weights_a, weights_b = self.update_class_weights(full_a[:n_l], target_full, full_b[n_l:])
-            if self.enable_deep_supervision:
-                sup_a = self.supervised_loss([o[:n_l] for o in outputs_a], target, weights_a)
-                sup_b = self.supervised_loss([o[:n_l] for o in outputs_b], target, weights_b)
-            else:
-                sup_a = self.supervised_loss(full_a[:n_l], target, weights_a)
-                sup_b = self.supervised_loss(full_b[:n_l], target, weights_b)
-            cps = cross_pseudo_supervision_loss(full_a, full_b, weights_a, weights_b)
-            loss = sup_a + sup_b + weight * cps
-        self.backward_and_step(loss)
-        self.global_iteration += 1
+        inputs = torch.cat((data, unlabeled))
+        outputs_a, outputs_b = as_list(self.network(inputs)), as_list(self.network2(inputs))
+        full_a, full_b = outputs_a[0], outputs_b[0]
+        target_full = target[0] if isinstance(target, list) else target
+        weights_a, weights_b = self.update_class_weights(full_a[:n_l], target_full, full_b[n_l:])
         self._accumulate_epoch_weights(weights_a, weights_b)
-        with torch.no_grad():
-            agreement = (hard_pseudo_label(full_a) == hard_pseudo_label(full_b)).float().mean()
-            # one device->host copy for every logged scalar
-            values = torch.cat((torch.stack([loss.detach().float(), sup_a.detach().float(), sup_b.detach().float(),
-                                             cps.detach().float(), agreement]),
-                                self.confidence_stats(full_a[n_l:], full_b[n_l:]))).cpu().numpy()
-        return {"loss": values[0], "loss_sup_a": float(values[1]), "loss_sup_b": float(values[2]),
-                "loss_cps": float(values[3]), "cps_weight": weight, "agreement": float(values[4]),
-                "pseudo_label_confidence": float(values[5]), "fraction_above_threshold": float(values[6])}
+        if self.enable_deep_supervision:
+            sup_a = self.weighted_supervised_loss_of([o[:n_l] for o in outputs_a], target, weights_a)
+            sup_b = self.weighted_supervised_loss_of([o[:n_l] for o in outputs_b], target, weights_b)
+        else:
+            sup_a = self.weighted_supervised_loss_of(full_a[:n_l], target, weights_a)
+            sup_b = self.weighted_supervised_loss_of(full_b[:n_l], target, weights_b)
+        cps = cross_pseudo_supervision_loss(full_a, full_b, weights_a, weights_b)
+        return SSLTerms(sup_a + sup_b, cps, pseudo_label_logits=(full_a[n_l:], full_b[n_l:]),
+                        agreement=argmax_agreement(full_a, full_b),
+                        extras={"loss_supervised_a": sup_a, "loss_supervised_b": sup_b})
 
     # ------------------------------------------------------------------ class-weight log
     def _accumulate_epoch_weights(self, weights_a: torch.Tensor, weights_b: torch.Tensor) -> None:
@@ -257,10 +242,6 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         counts = dhc.get("labeled_class_counts")
         self.labeled_class_counts = None if counts is None else torch.as_tensor(counts).clone()
         self.class_weight_log = {k: [list(e) for e in v] for k, v in dhc.get("class_weight_log", {}).items()}
-
-
-def _as_list(outputs: torch.Tensor | list[torch.Tensor] | tuple) -> list[torch.Tensor]:
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
 def _rounded(values: torch.Tensor | list[float]) -> list[float]:

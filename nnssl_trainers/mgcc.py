@@ -12,12 +12,9 @@ from nnssl.networks.multi_decoder import (
     auxiliary_bottlenecks,
     build_global_context_unet,
 )
-from nnssl.ramps import sigmoid_rampup
-from nnssl_trainers.base import nnUNetTrainerSSLBase, unwrap
-
-
-def _full_resolution(output: Tensor | list[Tensor]) -> Tensor:
-    return output[0] if isinstance(output, (list, tuple)) else output
+from nnssl.tensors import full_resolution, unwrap
+from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.step import SSLTerms
 
 
 def _rows(output: Tensor | list[Tensor], rows: slice) -> Tensor | list[Tensor]:
@@ -47,7 +44,7 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
     ``P`` is softmax over nnU-Net's K >= 2 output channels, generalising the official single-channel sigmoid:
     with K = 2 the mean over both channels of ``(p - q)^2`` equals the official ``(sigmoid(z) - sigmoid(z'))^2``
     for the foreground logit difference, so lambda = 7 keeps its meaning for binary tasks (BUSI); with K > 2 the
-    channel mean makes the term smaller, so ``consistency_weight`` is a class attribute (variant
+    channel mean makes the term smaller, so ``unsupervised_weight`` is a class attribute (variant
     ``nnUNetTrainerMGCC_lambda1``). Region-based plans use a sigmoid per region channel.
     ``lambda(t) = 7 sigmoid_rampup(t, L)`` with t the iteration and L = ``rampup_length()``: 30 000 iterations (the
     official ``iter // 150`` with length 200), capped at 1.5 times the schedule instead of the base's 40 %. The
@@ -76,9 +73,10 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
     RGB PNGs are converted to the dataset's single grey channel; the plans do not change (they come from the
     labeled cases), so no re-planning is needed.
 
-    Logged per epoch: ``loss_sup`` (``L_sup``), ``loss_sup_main``, ``loss_consistency``, ``consistency_weight``,
-    ``mean_confidence`` (mean max probability of the main decoder on unlabeled voxels) and ``agreement`` (fraction
-    of unlabeled voxels where the main and an auxiliary argmax agree, mean over the auxiliary decoders).
+    Logged per epoch: the common keys (``loss_supervised`` = ``L_sup``, ``loss_unsupervised`` = ``L_cons``,
+    ``unsupervised_weight``, confidence of the main decoder on unlabeled voxels, ``agreement``: fraction of
+    unlabeled voxels where the main and an auxiliary decision agree, mean over the auxiliary decoders) and
+    ``mgcc_loss_supervised_main``.
 
     Deviations from the official code, forced by nnU-Net or by 3D: the backbone is the plans' U-Net (no MSAG
     attention gates on the skips, which belong to the CMU-Net backbone, not to the SSL method; nnU-Net's strided
@@ -92,7 +90,8 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
     noise); the later official snapshot swaps aux1 and aux3 (``nnUNetTrainerMGCC_snapshotOrder``).
     """
 
-    consistency_weight: float = 7.0
+    unsupervised_weight = 7.0
+    log_prefix = "mgcc"
     max_rampup_fraction: float = 1.5
     use_global_context: bool = True
     global_context_depth: int = 3
@@ -131,9 +130,6 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
         if "auxiliary_decoders" in self.extra_networks:
             unwrap(self.auxiliary_decoders).set_deep_supervision(enabled)
 
-    def current_consistency_weight(self) -> float:
-        return self.consistency_weight * sigmoid_rampup(self.global_iteration, self.rampup_length())
-
     def consistency_loss(self, main_logits: Tensor, auxiliary_logits: list[Tensor]) -> Tensor:
         if self.label_manager.has_regions:
             # independent sigmoid per region: the official binary term per channel, averaged over channels
@@ -142,47 +138,31 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
                                 for c in range(main_logits.shape[1])]).mean()
         return multi_decoder_consistency(main_logits, auxiliary_logits)
 
-    def _decisions(self, logits: Tensor) -> tuple[Tensor, Tensor]:
-        """Hard decision per voxel and the mean confidence of it (max probability)."""
-        if self.label_manager.has_regions:
-            p = torch.sigmoid(logits.float())
-            return p > 0.5, torch.maximum(p, 1 - p).mean()
-        confidence, hard = torch.softmax(logits.float(), 1).max(1)
-        return hard, confidence.mean()
+    def _decisions(self, logits: Tensor) -> Tensor:
+        """Hard decision per voxel (argmax; with regions: sigmoid > 0.5 per channel)."""
+        return torch.sigmoid(logits.float()) > 0.5 if self.label_manager.has_regions else logits.argmax(1)
 
-    def train_step(self, batch: dict) -> dict:
-        data, target, unlabeled = self.to_device(batch)
+    def ssl_terms(self, data: Tensor, target, unlabeled: Tensor) -> SSLTerms:
         n_l = data.shape[0]
         n_aux = len(self.auxiliary_perturbations)
-        self.zero_grad()
-        weight = self.current_consistency_weight()
-        with self.autocast():
-            main_out, skips, levels = self.network(torch.cat((data, unlabeled)), return_features=True)
-            # without auxiliary supervision the auxiliary decoders only need the unlabeled rows
-            rows = slice(None) if self.supervise_auxiliary else slice(n_l, None)
-            aux_outs = self.auxiliary_decoders([s[rows] for s in skips],
-                                               [b[rows] for b in auxiliary_bottlenecks(levels, n_aux)])
-            loss_sup_main = self.loss(_rows(main_out, slice(None, n_l)), target)
-            loss_sup = loss_sup_main
-            if self.supervise_auxiliary:
-                aux_sup = [self.loss(_rows(a, slice(None, n_l)), target) for a in aux_outs]
-                loss_sup = (loss_sup_main + sum(aux_sup)) / (1 + n_aux)
-            unlabeled_rows = slice(n_l, None) if self.supervise_auxiliary else slice(None)
-            main_u = _full_resolution(main_out)[n_l:]
-            aux_u = [_full_resolution(a)[unlabeled_rows] for a in aux_outs]
-            consistency = self.consistency_loss(main_u, aux_u)
-            loss = loss_sup + weight * consistency
-        self.backward_and_step(loss)
-        self.global_iteration += 1
+        main_out, skips, levels = self.network(torch.cat((data, unlabeled)), return_features=True)
+        # without auxiliary supervision the auxiliary decoders only need the unlabeled rows
+        rows = slice(None) if self.supervise_auxiliary else slice(n_l, None)
+        aux_outs = self.auxiliary_decoders([s[rows] for s in skips],
+                                           [b[rows] for b in auxiliary_bottlenecks(levels, n_aux)])
+        loss_sup_main = self.loss(_rows(main_out, slice(None, n_l)), target)
+        loss_sup = loss_sup_main
+        if self.supervise_auxiliary:
+            aux_sup = [self.loss(_rows(a, slice(None, n_l)), target) for a in aux_outs]
+            loss_sup = (loss_sup_main + sum(aux_sup)) / (1 + n_aux)
+        unlabeled_rows = slice(n_l, None) if self.supervise_auxiliary else slice(None)
+        main_u = full_resolution(main_out)[n_l:]
+        aux_u = [full_resolution(a)[unlabeled_rows] for a in aux_outs]
         with torch.no_grad():
-            hard_main, confidence = self._decisions(main_u.detach())
-            agreement = torch.stack([(self._decisions(a.detach())[0] == hard_main).float().mean() for a in aux_u])
-            logged = torch.stack([loss.detach().float(), loss_sup.detach().float(), loss_sup_main.detach().float(),
-                                  consistency.detach().float(), confidence, agreement.mean(),
-                                  self.confidence_stats(main_u)[1]]).cpu().tolist()
-        return {"loss": logged[0], "loss_sup": logged[1], "loss_sup_main": logged[2], "loss_consistency": logged[3],
-                "consistency_weight": weight, "mean_confidence": logged[4], "agreement": logged[5],
-                "fraction_above_threshold": logged[6]}
+            hard_main = self._decisions(main_u)
+            agreement = torch.stack([(self._decisions(a) == hard_main).float().mean() for a in aux_u]).mean()
+        return SSLTerms(loss_sup, self.consistency_loss(main_u, aux_u), pseudo_label_logits=(main_u,),
+                        agreement=agreement, extras={"loss_supervised_main": loss_sup_main})
 
 
 class nnUNetTrainerMGCC_noGlobalContext(nnUNetTrainerMGCC):
@@ -206,4 +186,4 @@ class nnUNetTrainerMGCC_mainSupervisionOnly(nnUNetTrainerMGCC):
 class nnUNetTrainerMGCC_lambda1(nnUNetTrainerMGCC):
     """lambda = 1: for multi-class tasks, where the softmax MSE averaged over K channels is smaller."""
 
-    consistency_weight = 1.0
+    unsupervised_weight = 1.0

@@ -16,7 +16,9 @@ from nnssl.io import atomic_write_json
 from nnssl.pseudolabel.dataset import is_pseudo_id
 from nnssl.pseudolabel.weighting import pseudo_label_mask, pseudo_sampling_probabilities, pseudo_weighted_loss
 from nnssl.split import SPLIT_FILE_NAME
-from nnssl_trainers.base import MIN_CASES_FOR_CROSS_VALIDATION, ScheduleFromEnvironment, unwrap
+from nnssl.tensors import unwrap
+from nnssl.training.environment import ScheduleFromEnvironment
+from nnssl.training.folds import MIN_CASES_FOR_CROSS_VALIDATION
 
 SEG_LAYER_KEY = ".seg_layers."  # the keys nnU-Net's load_pretrained_weights leaves out
 

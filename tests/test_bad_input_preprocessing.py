@@ -442,7 +442,7 @@ def test_integrity_check_accepts_the_synthetic_dataset(raw_only):
 
 def test_fold_all_leaves_val_cases_out_of_training(tmp_path):
     """``val`` cases sit in the configuration folder (for fold 0's validation); fold 'all' must not train on them."""
-    from nnssl_trainers.base import FoldsFromSplitFile
+    from nnssl.training.folds import FoldsFromSplitFile
 
     class NnunetDoSplit:  # nnU-Net's do_split for fold 'all': every case of the configuration folder
         def do_split(self):

@@ -12,16 +12,12 @@ import torch.nn.functional as F
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
+from nnssl.cps_ensemble import cps_checkpoint_as_ensemble, export_cps_ensemble
+from nnssl.losses.cps import cps_loss_on_batch
 from nnssl.network_pair import NetworkPair, average_softmax_as_logits, xavier_normal_init_
-from nnssl_trainers.cps import (
-    argmax_agreement,
-    cps_checkpoint_as_ensemble,
-    cps_terms,
-    export_cps_ensemble,
-    mean_pseudo_label_confidence,
-    nnUNetTrainerCPS,
-    nnUNetTrainerCPS_ensemble,
-)
+from nnssl.tensors import argmax_agreement
+from nnssl.training.step import SSLTerms, step_log
+from nnssl_trainers.cps import nnUNetTrainerCPS, nnUNetTrainerCPS_ensemble
 
 K = 4
 
@@ -62,9 +58,9 @@ def test_no_gradient_for_a_network_already_matching_the_others_pseudo_label():
     # net 1: confidence 1 on `labels`; net 2: same argmax, but unsure
     confident = _one_hot_logits(labels, 200.0).requires_grad_()
     unsure = (torch.rand(3, K, 4, 5, 6) * 0.5 + _one_hot_logits(labels, 1.0)).requires_grad_()
-    loss, agreement, confidence = cps_terms(confident, unsure, n_labeled=1, cps_on_labeled=False)
+    loss = cps_loss_on_batch(confident, unsure, n_labeled=1)
     loss.backward()
-    assert agreement.item() == 1.0
+    assert argmax_agreement(confident[1:], unsure[1:]).item() == 1.0
     assert confident.grad.abs().max().item() == 0.0  # CE(z1, ŷ2) saturated, CE(z2, ŷ1) does not reach z1
     assert unsure.grad[1:].abs().sum().item() > 1e-2  # net 2 is still pushed towards net 1's pseudo-label
     assert unsure.grad[:1].abs().max().item() == 0.0  # labeled sample: no CPS in the SSL4MIS variant
@@ -82,7 +78,7 @@ def test_no_gradient_reaches_a_confident_network_through_its_parameters():
         net2.weight.mul_(0.1)
         net2.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 0.0]))  # class 2 everywhere, unsure
     x = torch.randn(2, 1, 3, 4, 5)
-    loss, _, _ = cps_terms(net1(x), net2(x), n_labeled=0, cps_on_labeled=False)
+    loss = cps_loss_on_batch(net1(x), net2(x), n_labeled=0)
     loss.backward()
     assert net1.weight.grad.abs().max().item() == 0.0 and net1.bias.grad.abs().max().item() == 0.0
     assert net2.bias.grad.abs().sum().item() > 1e-2
@@ -92,15 +88,14 @@ def test_no_gradient_reaches_a_confident_network_through_its_parameters():
 def test_cps_terms_are_symmetric_under_swapping_the_networks(cps_on_labeled):
     torch.manual_seed(2)
     logits_1, logits_2 = torch.randn(4, K, 3, 5, 6), torch.randn(4, K, 3, 5, 6)
-    forward = cps_terms(logits_1, logits_2, 2, cps_on_labeled)
-    swapped = cps_terms(logits_2, logits_1, 2, cps_on_labeled)
-    for a, b in zip(forward, swapped):
-        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    forward = cps_loss_on_batch(logits_1, logits_2, 2, cps_on_labeled)
+    swapped = cps_loss_on_batch(logits_2, logits_1, 2, cps_on_labeled)
+    assert forward.item() == pytest.approx(swapped.item(), rel=1e-6)
     # and the loss is the two detached-target cross-entropies
     start = 0 if cps_on_labeled else 2
     expected = (F.cross_entropy(logits_1[start:], logits_2[start:].argmax(1))
                 + F.cross_entropy(logits_2[start:], logits_1[start:].argmax(1)))
-    assert forward[0].item() == pytest.approx(expected.item(), rel=1e-6)
+    assert forward.item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_labeled_samples_enter_the_cps_loss_only_in_the_whole_batch_variant():
@@ -109,11 +104,9 @@ def test_labeled_samples_enter_the_cps_loss_only_in_the_whole_batch_variant():
     changed_1 = logits_1.clone()
     changed_1[:2] = torch.randn(2, K, 3, 5) * 5  # only the 2 labeled samples differ
     for on_labeled, same in ((False, True), (True, False)):
-        before = cps_terms(logits_1, logits_2, 2, on_labeled)
-        after = cps_terms(changed_1, logits_2, 2, on_labeled)
-        assert (before[0].item() == pytest.approx(after[0].item())) is same
-        # diagnostics are over unlabeled voxels in both variants
-        assert before[1].item() == after[1].item() and before[2].item() == pytest.approx(after[2].item())
+        before = cps_loss_on_batch(logits_1, logits_2, 2, on_labeled)
+        after = cps_loss_on_batch(changed_1, logits_2, 2, on_labeled)
+        assert (before.item() == pytest.approx(after.item())) is same
 
 
 def test_agreement_and_confidence_hand_computed():
@@ -125,25 +118,33 @@ def test_agreement_and_confidence_hand_computed():
     assert argmax_agreement(logits_a, logits_b).item() == 0.5
     conf_a = (0.9 + 0.6 + 0.8 + 0.7) / 4
     conf_b = (0.5 / (1 - 1e-3) + 0.9 + 0.75 + 0.8) / 4
-    assert mean_pseudo_label_confidence(logits_a, logits_b).item() == pytest.approx((conf_a + conf_b) / 2, rel=1e-5)
+    # what the base logs for CPS: confidence averaged over both networks, agreement of their argmaxes
+    logged = step_log(torch.tensor(1.0), 0.1, SSLTerms(torch.tensor(0.5), torch.tensor(0.25),
+                                                       pseudo_label_logits=(logits_a, logits_b),
+                                                       agreement=argmax_agreement(logits_a, logits_b)),
+                      "cps", threshold=0.85)
+    assert logged["pseudo_label_confidence"] == pytest.approx((conf_a + conf_b) / 2, rel=1e-5)
+    assert logged["agreement"] == 0.5 and logged["unsupervised_weight"] == 0.1
+    assert logged["fraction_above_threshold"] == pytest.approx(0.25)  # one voxel of each network >= 0.85
+    assert (logged["loss_supervised"], logged["loss_unsupervised"]) == (0.5, 0.25)
 
 
 def test_cps_terms_reject_bad_input():
     with pytest.raises(ValueError, match="must match"):
-        cps_terms(torch.zeros(2, K, 3, 3), torch.zeros(2, K, 3, 4), 1, False)
+        cps_loss_on_batch(torch.zeros(2, K, 3, 3), torch.zeros(2, K, 3, 4), 1)
     with pytest.raises(ValueError, match="at least one unlabeled"):
-        cps_terms(torch.zeros(2, K, 3, 3), torch.zeros(2, K, 3, 3), 2, False)
+        cps_loss_on_batch(torch.zeros(2, K, 3, 3), torch.zeros(2, K, 3, 3), 2)
 
 
 def test_cps_weight_ramps_from_sigmoid_start_to_lambda():
     trainer = object.__new__(nnUNetTrainerCPS)  # only the schedule attributes are needed
     trainer.num_epochs, trainer.num_iterations_per_epoch = 10, 25  # ramp = 40 % of 250 iterations = 100
-    trainer.global_iteration = 0
-    assert trainer.current_cps_weight() == pytest.approx(0.1 * math.exp(-5))
+    trainer.global_iteration, trainer.current_epoch = 0, 0
+    assert trainer.current_unsupervised_weight() == pytest.approx(0.1 * math.exp(-5))
     trainer.global_iteration = 50
-    assert trainer.current_cps_weight() == pytest.approx(0.1 * math.exp(-5 * 0.25))
+    assert trainer.current_unsupervised_weight() == pytest.approx(0.1 * math.exp(-5 * 0.25))
     trainer.global_iteration = 100
-    assert trainer.current_cps_weight() == pytest.approx(0.1)
+    assert trainer.current_unsupervised_weight() == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------------------------- initialisation

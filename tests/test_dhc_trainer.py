@@ -19,6 +19,7 @@ from nnssl.class_weight_diagnostics import plot_class_weights, record_epoch, sav
 from nnssl.debiasing import distribution_aware_weights
 from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
 from nnssl.ramps import sigmoid_rampup
+from nnssl.training.base import UnsupportedByTrainer
 from nnssl_trainers.dhc import DISTDW_LOG, nnUNetTrainerDHC
 
 DATASET = "Dataset990_DHCUnit"
@@ -116,12 +117,12 @@ def _one_hot_logits(labels: torch.Tensor, margin: float = 10.0) -> torch.Tensor:
 
 
 def test_two_kaiming_networks_with_different_draws(trainer):
-    a, b = trainer.network.state_dict(), trainer.network_b.state_dict()
+    a, b = trainer.network.state_dict(), trainer.network2.state_dict()
     assert a.keys() == b.keys()
     conv = [k for k in a if k.endswith("weight") and a[k].ndim == 4]
     assert conv and all(not torch.equal(a[k], b[k]) for k in conv)
-    assert set(trainer.extra_optimizers) == {"network_b"}
-    assert trainer.extra_optimizers["network_b"].param_groups[0]["params"][0] is next(trainer.network_b.parameters())
+    assert set(trainer.extra_optimizers) == {"network2"}
+    assert trainer.extra_optimizers["network2"].param_groups[0]["params"][0] is next(trainer.network2.parameters())
 
 
 def test_distdw_initialised_from_labeled_training_cases_of_the_fold_only(trainer):
@@ -207,16 +208,16 @@ def test_all_background_pseudo_labels_give_finite_cps_loss_and_gradients(trainer
     _ = trainer.distribution_weighting
     assert trainer.distribution_weighting.weights[0] == 0  # background is the most frequent labeled class
     _force_background(trainer.network)
-    _force_background(trainer.network_b)
+    _force_background(trainer.network2)
     batch = _batch(torch.Generator().manual_seed(1))
     output = trainer.train_step(batch)
     # every pseudo-label is background and DistDW still gives background weight 0: CE_{w_B}(z^B, y^A) has
     # sum(w) = 0, which is 0/0 = NaN without the guard
     assert trainer.distribution_weighting.weights[0] == 0
     assert output["agreement"] == 1.0
-    assert math.isfinite(output["loss_cps"]) and output["loss_cps"] >= 0
+    assert math.isfinite(output["loss_unsupervised"]) and output["loss_unsupervised"] >= 0
     assert math.isfinite(float(output["loss"]))
-    for net in (trainer.network, trainer.network_b):
+    for net in (trainer.network, trainer.network2):
         grads = [p.grad for p in net.parameters() if p.grad is not None]
         assert grads and all(torch.isfinite(g).all() for g in grads)
         assert all(torch.isfinite(p).all() for p in net.parameters())
@@ -226,12 +227,13 @@ def test_weighted_deep_supervised_loss_equals_nnunet_loss_with_unit_weights(trai
     generator = torch.Generator().manual_seed(2)
     batch = _batch(generator)
     outputs = [torch.randn(2, K, PATCH // s, PATCH // s, generator=generator) for s in (1, 2, 4)]
-    ours = trainer.supervised_loss(outputs, batch["target"], torch.ones(K))
+    ours = trainer.weighted_supervised_loss_of(outputs, batch["target"], torch.ones(K))
     nnunet = trainer.loss(outputs, batch["target"])  # nnU-Net's DeepSupervisionWrapper(DC_and_CE_loss)
     assert ours.item() == pytest.approx(nnunet.item(), rel=1e-5)
     # the lowest-resolution output has deep-supervision weight 0 in nnU-Net, and here too
     changed = outputs[:2] + [outputs[2] * 5]
-    assert trainer.supervised_loss(changed, batch["target"], torch.ones(K)).item() == pytest.approx(ours.item())
+    again = trainer.weighted_supervised_loss_of(changed, batch["target"], torch.ones(K))
+    assert again.item() == pytest.approx(ours.item())
 
 
 @pytest.mark.parametrize("batch_dice", [True, False])
@@ -258,7 +260,7 @@ def test_cps_weight_ramps_per_epoch_like_dhc(trainer):
     values = []
     for epoch in range(12):
         trainer.current_epoch = epoch
-        values.append(trainer.current_cps_weight())
+        values.append(trainer.current_unsupervised_weight())
     assert values[0] == values[1] == pytest.approx(0.1 * math.exp(-5))  # DHC: r(0) before training, r(0) after ep 0
     assert values[4] == pytest.approx(0.1 * sigmoid_rampup(3, 10))
     assert values[11] == pytest.approx(0.1) and values == sorted(values)
@@ -267,8 +269,11 @@ def test_cps_weight_ramps_per_epoch_like_dhc(trainer):
 def test_train_step_logs_and_class_statistics_survive_a_checkpoint(trainer, tmp_path, monkeypatch):
     trainer.on_train_epoch_start()
     outputs = [trainer.train_step(_batch(torch.Generator().manual_seed(s))) for s in range(2)]
-    assert set(outputs[0]) == {"loss", "loss_sup_a", "loss_sup_b", "loss_cps", "cps_weight", "agreement",
-                               "pseudo_label_confidence", "fraction_above_threshold"}
+    assert set(outputs[0]) == {"loss", "loss_supervised", "loss_unsupervised", "unsupervised_weight", "agreement",
+                               "pseudo_label_confidence", "fraction_above_threshold", "dhc_loss_supervised_a",
+                               "dhc_loss_supervised_b"}
+    assert outputs[0]["loss_supervised"] == pytest.approx(outputs[0]["dhc_loss_supervised_a"]
+                                                          + outputs[0]["dhc_loss_supervised_b"], rel=1e-5)
     assert 0.0 <= outputs[0]["agreement"] <= 1.0 and trainer.global_iteration == 2
     assert 0.0 <= outputs[0]["fraction_above_threshold"] <= 1.0
     assert 1.0 / K <= outputs[0]["pseudo_label_confidence"] <= 1.0  # a max softmax over K classes
@@ -285,8 +290,8 @@ def test_train_step_logs_and_class_statistics_survive_a_checkpoint(trainer, tmp_
     assert torch.equal(restored["distdw"]["weights"], state["dhc"]["distdw"]["weights"])
     assert torch.equal(restored["labeled_class_counts"], trainer.labeled_class_counts)
     assert fresh.class_weight_log == trainer.class_weight_log
-    for key, value in trainer.network_b.state_dict().items():
-        assert torch.equal(fresh.network_b.state_dict()[key], value), key
+    for key, value in trainer.network2.state_dict().items():
+        assert torch.equal(fresh.network2.state_dict()[key], value), key
     with pytest.raises(RuntimeError, match="DHC class statistics"):
         fresh.load_ssl_state_dict({k: v for k, v in state.items() if k != "dhc"})
 
@@ -310,5 +315,6 @@ def test_region_or_ignore_label_datasets_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "pp"))
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "res"))
     dataset_json = {**DATASET_JSON, "labels": {**DATASET_JSON["labels"], "ignore": 3}}
-    with pytest.raises(ValueError, match="ignore label"):
+    with pytest.raises(UnsupportedByTrainer, match="nnUNetTrainerDHC does not support an ignore label .*"
+                                                   "DiffDW/DistDW weight plain label classes"):
         nnUNetTrainerDHC(_plans(), "2d", 0, dataset_json, torch.device("cpu"))

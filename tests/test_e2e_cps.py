@@ -43,8 +43,9 @@ def _differs(state_a: dict, state_b: dict) -> bool:
 def test_cps_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     ds = synthetic3d
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, "3d_fullres", TRAINER)
-    assert_finite_progress(fold, ["loss_cps", "cps_weight", "agreement", "pseudo_label_confidence",
-                                  "fraction_above_threshold", "loss_supervised_1", "loss_supervised_2"])
+    assert_finite_progress(fold, ["loss_supervised", "loss_unsupervised", "unsupervised_weight", "agreement",
+                                  "pseudo_label_confidence", "fraction_above_threshold", "cps_loss_supervised_1",
+                                  "cps_loss_supervised_2"])
 
     trainer, ckpt = restore_trainer(ds.env, fold)
     state = ckpt["nnssl_state"]

@@ -30,7 +30,8 @@ def _fold0_training_histogram(preprocessed, num_classes: int) -> list[int]:
 def test_dhc_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     ds = synthetic3d
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, "3d_fullres", TRAINER)
-    assert_finite_progress(fold, ["loss_sup_a", "loss_sup_b", "loss_cps", "cps_weight", "agreement",
+    assert_finite_progress(fold, ["loss_supervised", "dhc_loss_supervised_a", "dhc_loss_supervised_b",
+                                  "loss_unsupervised", "unsupervised_weight", "agreement",
                                   "pseudo_label_confidence", "fraction_above_threshold"])
     assert (fold / "progress.png").is_file() and (fold / "ssl_progress.png").is_file()
     assert (fold / "dhc_class_weights.png").read_bytes()[:4] == b"\x89PNG"
@@ -47,8 +48,8 @@ def test_dhc_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     state = ckpt["nnssl_state"]
     assert state["global_iteration"] == 4  # 2 epochs x 2 iterations, counted across the interruption
     assert_state_dicts_equal(trainer.network.state_dict(), ckpt["network_weights"])
-    assert_state_dicts_equal(trainer.network_b.state_dict(), state["extra_networks"]["network_b"])
-    a, b = ckpt["network_weights"], state["extra_networks"]["network_b"]
+    assert_state_dicts_equal(trainer.network2.state_dict(), state["extra_networks"]["network2"])
+    a, b = ckpt["network_weights"], state["extra_networks"]["network2"]
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
     saved, restored = state["dhc"], trainer.ssl_state_dict()["dhc"]

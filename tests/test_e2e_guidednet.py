@@ -22,9 +22,10 @@ from e2e_utils import (
 pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerGuidedNet"
 VARIANT = "nnUNetTrainerGuidedNet_FittedGMM"
-LOGGED = ["loss_supervised", "loss_gmm_labeled", "loss_gmm_unlabeled", "loss_prototype", "loss_kernel_consistency",
-          "loss_ktcps", "unsup_weight", "agreement", "pseudo_label_confidence", "fraction_above_threshold",
-          "kt_weight_min", "kt_weight_max", "pseudo_label_dice"]
+LOGGED = ["loss_supervised", "loss_unsupervised", "unsupervised_weight", "agreement", "pseudo_label_confidence",
+          "fraction_above_threshold", "pseudo_label_dice",
+          *(f"guidednet_{k}" for k in ("loss_gmm_labeled", "loss_gmm_unlabeled", "loss_prototype",
+                                       "loss_kernel_consistency", "loss_ktcps", "kt_weight_min", "kt_weight_max"))]
 
 
 def test_guidednet_trainers_are_found_by_nnunet_lookup(synthetic3d):
@@ -46,7 +47,7 @@ def test_guidednet_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     assert state["global_iteration"] == 4  # 2 epochs x 2 iterations, across the interruption
     assert_state_dicts_equal(trainer.network.state_dict(), ckpt["network_weights"])
     assert_state_dicts_equal(trainer.network2.state_dict(), state["extra_networks"]["network2"])
-    assert torch.equal(trainer.kt_weighting.weights.cpu(), state["kt_cps"]["weights"])
+    assert torch.equal(trainer.kt_weighting.weights.cpu(), state["extra_state"]["kt_cps"]["weights"])
     net1, net2 = ckpt["network_weights"], state["extra_networks"]["network2"]
     assert all(not torch.equal(net1[k], net2[k]) for k in net1 if k.endswith("conv.weight")), \
         "the two networks must be different (kaiming vs xavier init)"
@@ -63,8 +64,9 @@ def test_guidednet_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     from nnssl.debiasing import distribution_aware_weights
 
     initial = distribution_aware_weights(torch.from_numpy(expected)).float()
-    assert not torch.equal(state["kt_cps"]["weights"].float(), initial), "KT-CPS weights must be updated (EMA)"
-    assert bool(torch.isfinite(state["kt_cps"]["weights"]).all())
+    kt_weights = state["extra_state"]["kt_cps"]["weights"]
+    assert not torch.equal(kt_weights.float(), initial), "KT-CPS weights must be updated (EMA)"
+    assert bool(torch.isfinite(kt_weights).all())
 
     pred = predict(ds.env, ds.dataset_id, "3d_fullres", TRAINER, ds.raw / "imagesTs", tmp_path / "pred")
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (ds.raw / "labelsTs").iterdir())
@@ -74,15 +76,16 @@ def test_guidednet_fitted_gmm_2d_interrupt_resume_restores_gmm_state(synthetic3d
     """The variant on the 2d configuration: cheaper than a second 3D run and covers the 2D feature path."""
     ds = synthetic3d
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, "2d", VARIANT)
-    assert_finite_progress(fold, LOGGED + ["gmm_relabeled_fraction", "gmm_fitted_classes"])
+    assert_finite_progress(fold, LOGGED + ["guidednet_gmm_relabeled_fraction", "guidednet_gmm_fitted_classes"])
 
     trainer, ckpt = restore_trainer(ds.env, fold)
     state = ckpt["nnssl_state"]
     assert state["global_iteration"] == 4
-    assert len(state["gmm"]) == 2
-    for gmm, saved in zip(trainer.gmms, state["gmm"]):
-        assert_state_dicts_equal(gmm.state_dict(), saved)
+    saved_gmms = state["extra_state"]["gmm"]
+    assert_state_dicts_equal(trainer.gmms.state_dict(), saved_gmms)
+    for i in range(2):
+        saved = {k.split(".", 1)[1]: v for k, v in saved_gmms.items() if k.startswith(f"{i}.")}
         assert bool(saved["fitted"].any()), "the GMM must have been fitted on labeled features"
         assert bool(torch.isfinite(saved["means"]).all()) and bool((saved["variances"] > 0).all())
-    assert torch.equal(trainer.kt_weighting.weights.cpu(), state["kt_cps"]["weights"])
+    assert torch.equal(trainer.kt_weighting.weights.cpu(), state["extra_state"]["kt_cps"]["weights"])
     assert_state_dicts_equal(trainer.network2.state_dict(), state["extra_networks"]["network2"])

@@ -42,8 +42,8 @@ def test_trainers_are_found_by_nnunet_lookup(synthetic3d):
 def test_mean_teacher_3d_interrupt_resume_predict_evaluate(synthetic3d, tmp_path):
     ds = synthetic3d
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, "3d_fullres", TRAINER)
-    assert_finite_progress(fold, ["loss_consistency", "loss_supervised", "consistency_weight",
-                                  "teacher_confidence", "fraction_above_threshold", "pseudo_label_dice"])
+    assert_finite_progress(fold, ["loss_unsupervised", "loss_supervised", "unsupervised_weight",
+                                  "pseudo_label_confidence", "fraction_above_threshold", "pseudo_label_dice"])
     assert (fold / "ssl_progress.png").is_file() and (fold / "progress.png").is_file()
 
     trainer, ckpt = restore_trainer(ds.env, fold)

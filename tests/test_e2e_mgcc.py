@@ -27,8 +27,8 @@ from PIL import Image
 
 pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerMGCC"
-LOGGED = ["loss_sup", "loss_sup_main", "loss_consistency", "consistency_weight", "mean_confidence", "agreement",
-          "fraction_above_threshold"]
+LOGGED = ["loss_supervised", "mgcc_loss_supervised_main", "loss_unsupervised", "unsupervised_weight",
+          "pseudo_label_confidence", "agreement", "fraction_above_threshold"]
 
 UNLABELED_IDS_SNIPPET = """
 import json, sys, torch
@@ -78,7 +78,7 @@ def _check_restored_state(env, fold, iterations: int, weights_per_epoch: list[fl
     assert any(k.startswith("global_context.") for k in weights) and not any(k.startswith("decoders.")
                                                                             for k in weights)
     assert not any("encoder" in k for k in saved_aux)
-    assert ssl_progress(fold)["consistency_weight"] == pytest.approx(weights_per_epoch)
+    assert ssl_progress(fold)["unsupervised_weight"] == pytest.approx(weights_per_epoch)
 
 
 def test_mgcc_2d_with_generated_unlabeled_images_interrupt_resume_predict(synthetic2d, tmp_path):

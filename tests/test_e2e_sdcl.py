@@ -21,10 +21,10 @@ def _train_resume_check(ds, configuration: str, extra_env: dict[str, str] | None
     fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, configuration, TRAINER, extra_env=extra_env)
 
     log = ssl_progress(fold)
-    assert log["stage"] == [1.0, 2.0]  # SMOKE_SCHEDULE: 2 epochs, the switch after the first
-    assert np.all(np.isfinite(np.array(log["loss_mix"], dtype=float)))
-    assert np.all(np.isfinite(np.array(log["discrepancy_fraction"], dtype=float)))
-    for key in ("loss_mse", "loss_kl", "teacher_confidence", "fraction_above_threshold"):  # stage-2 quantities
+    assert log["sdcl_stage"] == [1.0, 2.0]  # SMOKE_SCHEDULE: 2 epochs, the switch after the first
+    assert np.all(np.isfinite(np.array(log["loss_supervised"], dtype=float)))
+    assert np.all(np.isfinite(np.array(log["agreement"], dtype=float)))
+    for key in ("sdcl_loss_mse", "sdcl_loss_kl", "pseudo_label_confidence", "fraction_above_threshold"):  # stage 2
         values = np.array(log[key], dtype=float)
         assert np.isnan(values[0]) and np.isfinite(values[1]), (key, values)
     text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
@@ -36,9 +36,9 @@ def _train_resume_check(ds, configuration: str, extra_env: dict[str, str] | None
     assert state["global_iteration"] == 4  # 2 epochs x 2 iterations, counted across the interruption
     assert trainer.stage == 2 and trainer.global_iteration == 4
     assert_state_dicts_equal(trainer.network.state_dict(), ckpt["network_weights"])
-    for name in ("student2", "teacher"):
+    for name in ("network2", "teacher"):
         assert_state_dicts_equal(trainer.extra_networks[name].state_dict(), state["extra_networks"][name])
-    assert type(trainer.extra_networks["student2"]).__name__ == "ResidualEncoderUNet"
+    assert type(trainer.extra_networks["network2"]).__name__ == "ResidualEncoderUNet"
     assert type(trainer.network).__name__ == "PlainConvUNet"
     teacher, student = state["extra_networks"]["teacher"], ckpt["network_weights"]
     assert any(not np.array_equal(teacher[k].numpy(), student[k].numpy()) for k in student

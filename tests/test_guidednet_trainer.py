@@ -18,21 +18,19 @@ from torch import nn
 from nnssl.debiasing import KnowledgeTransferWeighting, class_histogram, distribution_aware_weights
 from nnssl.gmm import DiagonalGaussianMixture, class_prototypes
 from nnssl.losses.cps import weighted_cross_entropy
-from nnssl_trainers.guidednet import (
-    DecoderFeatureTap,
+from nnssl.losses.guidednet import (
     assemble_guidednet_loss,
-    decoder_feature_channels,
     flat_voxels,
     gmm_rectified_pseudo_labels,
     guidance_terms,
     kt_cps_class_weights,
     kt_cps_loss,
     labeled_class_counts,
-    nnUNetTrainerGuidedNet,
-    nnUNetTrainerGuidedNet_FittedGMM,
     voxel_subset,
-    xavier_normal_init_,
 )
+from nnssl.network_pair import xavier_normal_init_
+from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
+from nnssl_trainers.guidednet import nnUNetTrainerGuidedNet, nnUNetTrainerGuidedNet_FittedGMM
 
 
 def _tiny_unet(dim: int, deep_supervision: bool, num_classes: int = 3) -> nn.Module:
@@ -319,13 +317,15 @@ class _TrainStepHarness:
     (no planned dataset): plain SGD, no deep supervision, nnU-Net's DC+CE."""
 
     train_step = nnUNetTrainerGuidedNet.train_step
-    unsup_weight = nnUNetTrainerGuidedNet.unsup_weight
-    _unlabeled_diagnostics = staticmethod(nnUNetTrainerGuidedNet._unlabeled_diagnostics)
-    confidence_stats = nnUNetTrainerGuidedNet.confidence_stats
+    current_unsupervised_weight = nnUNetTrainerGuidedNet.current_unsupervised_weight
+    weight_schedule = nnUNetTrainerGuidedNet.weight_schedule
+    supervised_loss = nnUNetTrainerGuidedNet.supervised_loss
     confidence_threshold = nnUNetTrainerGuidedNet.confidence_threshold
+    log_prefix = nnUNetTrainerGuidedNet.log_prefix
     label_manager = SimpleNamespace(has_regions=False)
     guidance_weight = 0.3
-    unsup_weight_max = 0.1
+    unsupervised_weight = 0.1
+    current_epoch = 0
     prototype_batch_mean = True
     enable_deep_supervision = False
 
@@ -378,18 +378,23 @@ def test_train_step_runs_with_subsampling_unequal_batches_and_absent_classes(tra
     w0 = harness.kt_weighting.weights.clone()
     before = [p.detach().clone() for p in (next(harness.network.parameters()), next(harness.network2.parameters()))]
     out = harness.train_step(batch)
-    expected = {"loss", "loss_supervised", "loss_gmm_labeled", "loss_prototype", "loss_gmm_unlabeled",
-                "loss_kernel_consistency", "loss_ktcps", "unsup_weight", "agreement", "pseudo_label_confidence",
-                "fraction_above_threshold", "kt_weight_min", "kt_weight_max"}
+    expected = {"loss", "loss_supervised", "loss_unsupervised", "unsupervised_weight", "agreement",
+                "pseudo_label_confidence", "fraction_above_threshold",
+                *(f"guidednet_{k}" for k in ("loss_gmm_labeled", "loss_prototype", "loss_gmm_unlabeled",
+                                             "loss_kernel_consistency", "loss_ktcps", "kt_weight_min",
+                                             "kt_weight_max"))}
     if trainer_cls is nnUNetTrainerGuidedNet_FittedGMM:
-        expected |= {"gmm_relabeled_fraction", "gmm_fitted_classes"}
-        assert out["gmm_fitted_classes"] == 2.0  # classes 0 and 1 seen; class 2 absent -> not rectified yet
-        assert out["gmm_relabeled_fraction"] == 0.0
+        expected |= {"guidednet_gmm_relabeled_fraction", "guidednet_gmm_fitted_classes"}
+        assert out["guidednet_gmm_fitted_classes"] == 2.0  # classes 0 and 1 seen; class 2 absent: not rectified yet
+        assert out["guidednet_gmm_relabeled_fraction"] == 0.0
     assert set(out) == expected
     assert all(np.isfinite(float(v)) for v in out.values())
     assert 0.0 <= out["agreement"] <= 1.0 and 1 / 3 <= out["pseudo_label_confidence"] <= 1.0
     assert 0.0 <= out["fraction_above_threshold"] <= 1.0
-    assert out["unsup_weight"] == pytest.approx(0.1 * math.exp(-5))
+    assert out["unsupervised_weight"] == pytest.approx(0.1 * math.exp(-5))
+    # the unsupervised term is what w(t) multiplies: 2 lam C + L_ktcps
+    assert out["loss_unsupervised"] == pytest.approx(2 * 0.3 * out["guidednet_loss_kernel_consistency"]
+                                                     + out["guidednet_loss_ktcps"], rel=1e-5)
     assert harness.global_iteration == 1
     assert all(g > 0 for g in harness.grads), "both networks must receive gradient"
     after = [next(harness.network.parameters()), next(harness.network2.parameters())]

@@ -255,14 +255,15 @@ def test_consistency_ramp_keeps_the_official_ratio_to_the_schedule():
     Short schedules keep that ratio; nnU-Net's 1000 x 250 schedule ramps over the official 30 000 iterations."""
     trainer = object.__new__(nnUNetTrainerMGCC)  # only the schedule attributes are needed
     trainer.num_epochs, trainer.num_iterations_per_epoch = 80, 250  # the official 20 000 iterations
+    trainer.current_epoch = 0
     assert trainer.rampup_length() == 30000
     trainer.global_iteration = 20000
-    assert trainer.current_consistency_weight() == pytest.approx(7 * math.exp(-5 / 9))
+    assert trainer.current_unsupervised_weight() == pytest.approx(7 * math.exp(-5 / 9))
     trainer.num_epochs, trainer.num_iterations_per_epoch = 4, 50  # a CPU schedule: same shape, 300 iterations
     assert trainer.rampup_length() == 300
     trainer.global_iteration = 200
-    assert trainer.current_consistency_weight() == pytest.approx(7 * math.exp(-5 / 9))
+    assert trainer.current_unsupervised_weight() == pytest.approx(7 * math.exp(-5 / 9))
     trainer.global_iteration = 50  # early in training the main decoder is not yet pulled towards the auxiliaries
-    assert trainer.current_consistency_weight() < 0.5
+    assert trainer.current_unsupervised_weight() < 0.5
     trainer.num_epochs = 1000  # nnU-Net's default schedule
     assert trainer.rampup_length() == 30000

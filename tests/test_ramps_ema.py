@@ -149,3 +149,13 @@ def test_mismatched_architectures_raise():
         update_ema_(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)), decay=0.99, step=1)
     with pytest.raises(ValueError, match="shape"):
         update_ema_(nn.Linear(2, 3), nn.Linear(2, 2), decay=0.99, step=1)
+
+
+def test_consistency_weight_delay_shifts_the_ramp_as_dhc_recomputes_it_after_each_epoch():
+    weight = ConsistencyWeight(0.1, 10, unit="epoch", delay=1)
+    assert [weight(0, e) for e in (0, 1)] == [pytest.approx(0.1 * math.exp(-5))] * 2
+    assert weight(0, 6) == pytest.approx(0.1 * sigmoid_rampup(5, 10))
+    per_iteration = ConsistencyWeight(0.1, 1000, unit="iteration", iter_divisor=1)
+    assert per_iteration(250, 0) == pytest.approx(0.1 * sigmoid_rampup(250, 1000))
+    with pytest.raises(ValueError, match="delay"):
+        ConsistencyWeight(0.1, 10, delay=-1)

@@ -12,22 +12,17 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
-from nnssl.losses.sdcl import mixed_region_loss
-from nnssl.mixing import bcp_mask
-from nnssl_trainers.sdcl import (
-    RESENC_M_BLOCKS,
-    bidirectional_copy_paste_ds,
-    build_second_student,
+from nnssl.ema import update_teacher_
+from nnssl.losses.sdcl import (
     deep_supervised_mix_loss,
-    downsample_nearest,
-    labeled_copy_paste,
+    mixed_region_loss,
     pretrain_epoch_count,
-    rolled_pairs,
     sdcl_student_loss,
-    second_student_architecture,
     teacher_pseudo_labels,
-    update_teacher_,
 )
+from nnssl.mixing import bcp_mask, bidirectional_copy_paste_ds, downsample_nearest, labeled_copy_paste, rolled_pairs
+from nnssl.networks.second_student import RESENC_M_BLOCKS, build_second_student, second_student_architecture
+from nnssl.training.base import UnsupportedByTrainer
 
 K = 3
 # full-resolution patch and deep-supervision output shapes of the networks built by _students
@@ -388,16 +383,17 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, monkeypatch)
     trainer.initialize()
-    assert isinstance(trainer.student2, ResidualEncoderUNet) and isinstance(trainer.network, PlainConvUNet)
-    assert trainer.student2.decoder.deep_supervision and not trainer.teacher.decoder.deep_supervision
+    assert isinstance(trainer.network2, ResidualEncoderUNet) and isinstance(trainer.network, PlainConvUNet)
+    assert trainer.network2.decoder.deep_supervision and not trainer.teacher.decoder.deep_supervision
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
     assert trainer.stage == 1 and trainer.self_training_start_epoch == 1
     teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
 
     trainer.on_train_epoch_start()  # epoch 0: BCP pre-training
     out = trainer.train_step(_batch(0))
-    assert out["stage"] == 1.0 and math.isfinite(out["loss_mix"]) and 0 <= out["discrepancy_fraction"] <= 1
-    assert "loss_mse" not in out and "teacher_confidence" not in out
+    assert out["sdcl_stage"] == 1.0 and math.isfinite(out["loss_supervised"]) and 0 <= out["agreement"] <= 1
+    assert out["loss_unsupervised"] == 0.0 and out["unsupervised_weight"] == 0.0
+    assert "sdcl_loss_mse" not in out and "pseudo_label_confidence" not in out
     assert all(torch.equal(teacher_before[k], v) for k, v in trainer.teacher.state_dict().items())
 
     trainer.current_epoch = 1
@@ -405,9 +401,12 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     assert trainer.stage == 2 and _same(trainer.teacher, trainer.network)
     old_teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     out = trainer.train_step(_batch(1))
-    for key in ("loss", "loss_mix", "loss_mse", "loss_kl", "discrepancy_fraction", "teacher_confidence"):
+    for key in ("loss", "loss_supervised", "loss_unsupervised", "sdcl_loss_mse", "sdcl_loss_kl", "agreement",
+                "pseudo_label_confidence", "fraction_above_threshold"):
         assert math.isfinite(float(out[key])), key
-    assert out["stage"] == 2.0 and 1 / K <= out["teacher_confidence"] <= 1
+    assert out["sdcl_stage"] == 2.0 and 1 / K <= out["pseudo_label_confidence"] <= 1
+    # the unsupervised part is the corrections of both students: loss = mix + corrections
+    assert out["loss_supervised"] + out["loss_unsupervised"] == pytest.approx(float(out["loss"]), rel=1e-5)
     student = trainer.network.state_dict()
     for k, v in trainer.teacher.state_dict().items():  # θ_T = 0.99 θ_T + 0.01 θ_1 after the step
         assert torch.allclose(v, 0.99 * old_teacher[k] + 0.01 * student[k], atol=1e-6), k
@@ -418,10 +417,10 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     restored = _trainer(tmp_path, monkeypatch, seed=1)
     restored.num_epochs = 10  # a changed schedule keeps the saved switch epoch
     restored.initialize()
-    assert not _same(restored.student2, trainer.student2)
+    assert not _same(restored.network2, trainer.network2)
     restored.load_ssl_state_dict(state)
     assert restored.stage == 2 and restored.self_training_start_epoch == 1 and restored.global_iteration == 2
-    assert _same(restored.student2, trainer.student2) and _same(restored.teacher, trainer.teacher)
+    assert _same(restored.network2, trainer.network2) and _same(restored.teacher, trainer.teacher)
     restored.current_epoch = 2
     restored.on_train_epoch_start()  # already in stage 2: the teacher is not reset to student 1
     assert _same(restored.teacher, trainer.teacher)
@@ -438,14 +437,12 @@ def test_trainer_with_a_single_labeled_patch_and_the_pancreas_weights(tmp_path, 
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()
     out = trainer.train_step(_batch(3, n_l=1, n_u=2))
-    assert math.isfinite(out["loss_kl"]) and math.isfinite(out["loss_mse"])
+    assert math.isfinite(out["sdcl_loss_kl"]) and math.isfinite(out["sdcl_loss_mse"])
 
 
 def test_trainer_refuses_region_labels(tmp_path, monkeypatch):
-    trainer = _trainer(tmp_path, monkeypatch, labels={"background": 0, "a": [1, 2], "b": 2},
-                       regions_class_order=[1, 2])
-    with pytest.raises(ValueError, match="regions"):
-        trainer.initialize()
+    with pytest.raises(UnsupportedByTrainer, match="nnUNetTrainerSDCL does not support region-based labels"):
+        _trainer(tmp_path, monkeypatch, labels={"background": 0, "a": [1, 2], "b": 2}, regions_class_order=[1, 2])
 
 
 def test_variants_adam_resenc_and_largest_component(tmp_path, monkeypatch):
@@ -458,18 +455,18 @@ def test_variants_adam_resenc_and_largest_component(tmp_path, monkeypatch):
         adam.on_train_epoch_start()
         for opt in adam.all_optimizers():
             assert isinstance(opt, torch.optim.Adam) and opt.param_groups[0]["lr"] == 1e-3  # constant
-    assert math.isfinite(adam.train_step(_batch(4))["loss_mse"])
+    assert math.isfinite(adam.train_step(_batch(4))["loss_supervised"])
 
     resenc = _trainer(tmp_path, monkeypatch, nnUNetTrainerSDCL_resencM)
     resenc.initialize()
-    assert [len(s.blocks) for s in resenc.student2.encoder.stages] == [1, 3, 4, 6]
+    assert [len(s.blocks) for s in resenc.network2.encoder.stages] == [1, 3, 4, 6]
 
     lcc = _trainer(tmp_path, monkeypatch, nnUNetTrainerSDCL_lcc)
     lcc.initialize()
     lcc.current_epoch = 1
     lcc.on_train_epoch_start()
     out = lcc.train_step(_batch(5))
-    assert lcc.stage == 2 and math.isfinite(out["loss_kl"])
+    assert lcc.stage == 2 and math.isfinite(out["sdcl_loss_kl"])
 
 
 def test_initial_lr_from_environment_only_for_nnunet_sgd_trainers(tmp_path, monkeypatch):

@@ -386,7 +386,7 @@ def predict_with_mirroring(tta: bool | None, synthetic: bool) -> bool:
 def schedule_env(epochs: int | None, iterations: int | None, val_iterations: int | None,
                  initial_lr: float | None = None) -> dict[str, str]:
     """The ``NNSSL_*`` schedule variables for the given values (None: the trainer's own)."""
-    from nnssl_trainers.base import ENV_INITIAL_LR, ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_VAL_ITERATIONS
+    from nnssl.training.environment import ENV_INITIAL_LR, ENV_ITERATIONS, ENV_NUM_EPOCHS, ENV_VAL_ITERATIONS
 
     values = {ENV_NUM_EPOCHS: epochs, ENV_ITERATIONS: iterations, ENV_VAL_ITERATIONS: val_iterations,
               ENV_INITIAL_LR: initial_lr}
@@ -394,7 +394,7 @@ def schedule_env(epochs: int | None, iterations: int | None, val_iterations: int
 
 
 def schedule_text(env: dict[str, str]) -> str:
-    from nnssl_trainers.base import ENV_INITIAL_LR, ENV_ITERATIONS, ENV_NUM_EPOCHS
+    from nnssl.training.environment import ENV_INITIAL_LR, ENV_ITERATIONS, ENV_NUM_EPOCHS
 
     epochs, iterations = env.get(ENV_NUM_EPOCHS, "trainer's"), env.get(ENV_ITERATIONS, "trainer's")
     lr = f", SGD lr {env[ENV_INITIAL_LR]}" if env.get(ENV_INITIAL_LR) else ""
@@ -1016,7 +1016,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from nnssl.cli.trainer_path import trainer_folder
-    from nnssl_trainers.base import ENV_SKIP_FINAL_VALIDATION
+    from nnssl.training.environment import ENV_SKIP_FINAL_VALIDATION
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = {**os.environ, "nnUNet_extTrainer": trainer_folder(), "PYTHONUNBUFFERED": "1",

@@ -15,21 +15,20 @@ import os
 import pkgutil
 from pathlib import Path
 
-from nnssl.cli.trainer_path import trainer_folder
+from nnssl.cli.trainer_path import PLUGIN_PACKAGE, trainer_folder
 from nnssl.errors import report_user_errors
 
 OK, PROBLEM = "ok", "PROBLEM"
 
 
 def nnssl_trainer_names() -> list[str]:
-    """Every nnUNetTrainer subclass defined in the plugin folder, by name."""
+    """Every nnUNetTrainer subclass defined in the plugin folder, by name (its modules are imported by name, as
+    nnU-Net's trainer lookup does: the library has no import of the plugin)."""
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-    import nnssl_trainers
-
     names = set()
-    for module_info in pkgutil.iter_modules(nnssl_trainers.__path__):
-        module = importlib.import_module(f"nnssl_trainers.{module_info.name}")
+    for module_info in pkgutil.iter_modules([trainer_folder()]):
+        module = importlib.import_module(f"{PLUGIN_PACKAGE}.{module_info.name}")
         for name, obj in inspect.getmembers(module, inspect.isclass):
             if issubclass(obj, nnUNetTrainer) and obj.__module__ == module.__name__ and not name.endswith("Base"):
                 names.add(name)

@@ -129,3 +129,17 @@ def cross_pseudo_supervision_loss(logits_a: torch.Tensor, logits_b: torch.Tensor
     pseudo_b = hard_pseudo_label(logits_b)
     return (_weighted_ce(logits_a, pseudo_b, class_weights_a, ignore_mask)
             + _weighted_ce(logits_b, pseudo_a, class_weights_b, ignore_mask))
+
+
+def cps_loss_on_batch(logits_1: torch.Tensor, logits_2: torch.Tensor, n_labeled: int,
+                      whole_batch: bool = False) -> torch.Tensor:
+    """The CPS term of one step on the full-resolution logits of the batch ``[labeled; unlabeled]``:
+    :func:`cross_pseudo_supervision_loss` over the unlabeled samples ``[n_labeled:]`` (SSL4MIS) or, with
+    ``whole_batch``, over every sample (DHC ``train_cps.py``)."""
+    if logits_1.shape != logits_2.shape:
+        raise ValueError(f"logits_1 {tuple(logits_1.shape)} and logits_2 {tuple(logits_2.shape)} must match")
+    if not 0 <= n_labeled < logits_1.shape[0]:
+        raise ValueError(f"n_labeled={n_labeled} must leave at least one unlabeled sample in a batch of "
+                         f"{logits_1.shape[0]}")
+    start = 0 if whole_batch else n_labeled
+    return cross_pseudo_supervision_loss(logits_1[start:], logits_2[start:])

@@ -18,11 +18,13 @@ All arithmetic is float32 with autocast disabled, so bf16/fp16 logits are safe.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from nnssl.mixing import MixedBatch
 
 __all__ = ["mixed_region_loss", "discrepancy_mask", "discrepancy_mse_loss", "discrepancy_uniform_ce_loss"]
 
@@ -167,3 +169,82 @@ def discrepancy_uniform_ce_loss(logits: Tensor, target: Tensor, weight_map: Tens
         ce_uniform = -torch.log_softmax(z, dim=1).mean(1)
         g = omega * wrong * ce_uniform
         return (d * g).sum() / ((d * wrong).sum() + DENOM_EPS)
+
+
+# ------------------------------------------------------------------ one student's stage-2 loss, the stage schedule
+@torch.no_grad()
+def teacher_pseudo_labels(logits: Tensor, keep_largest_component: bool = False) -> tuple[Tensor, Tensor]:
+    """Hard pseudo-labels ``argmax_k softmax(z)_k`` (N, *spatial) and the mean max-probability (confidence).
+
+    With ``keep_largest_component`` each foreground class keeps only its largest connected component per sample
+    (official LA/Pancreas filter; MONAI ``KeepLargestConnectedComponent``), removed voxels become background.
+    """
+    probs = torch.softmax(logits.detach().float(), 1)
+    confidence, labels = probs.max(1)
+    if keep_largest_component:
+        from monai.transforms import KeepLargestConnectedComponent
+
+        filt = KeepLargestConnectedComponent(applied_labels=list(range(1, logits.shape[1])), is_onehot=False,
+                                             independent=True)
+        labels = torch.stack([torch.as_tensor(filt(lab[None]))[0] for lab in labels]).to(labels)
+    return labels, confidence.mean()
+
+
+def deep_supervised_mix_loss(outputs: Sequence[Tensor], mixed: MixedBatch, ds_weights: Sequence[float]) -> Tensor:
+    """``Σ_i w_i · mix(z_i, Y_i, ω_i, M_i)`` over the deep-supervision outputs (BCP ``mix_loss``, docs/methods/sdcl.md)
+    with nnU-Net's weights ``w_i`` (outputs with weight 0 are skipped)."""
+    if len(outputs) != len(mixed.targets) or len(ds_weights) < len(outputs):
+        raise ValueError(f"outputs: {len(outputs)} deep-supervision outputs for {len(mixed.targets)} targets and "
+                         f"{len(ds_weights)} weights")
+    total = outputs[0].new_zeros((), dtype=torch.float32)
+    for z, y, w, m, weight in zip(outputs, mixed.targets, mixed.weights, mixed.masks, ds_weights):
+        if weight != 0:
+            total = total + weight * mixed_region_loss(z, y, w, region_mask=m)
+    return total
+
+
+class SDCLStudentLoss(NamedTuple):
+    total: Tensor
+    mix: Tensor
+    mse: Tensor
+    kl: Tensor
+
+
+def sdcl_student_loss(outputs: Sequence[Tensor], mixes: Sequence[MixedBatch], disc: Tensor,
+                      ds_weights: Sequence[float], mse_weight: float, kl_weight: float) -> SDCLStudentLoss:
+    """One student's stage-2 loss (docs/methods/sdcl.md):
+    ``L = Σ_X mix(X) + λ_mse Σ_X L_mse(X) + λ_kl Σ_X L_kl(X)`` over the mixes X ∈ ``mixes`` (X_l, X_u).
+
+    Args:
+        outputs: the student's deep-supervision logits on ``cat(mix.images for mix in mixes)`` (full resolution
+            first); the correction losses use ``outputs[0]``.
+        disc: D (n_total, *spatial) from :func:`nnssl.losses.sdcl.discrepancy_mask` on the full-resolution logits
+            of the two students.
+    """
+    mix = mse = kl = outputs[0].new_zeros((), dtype=torch.float32)
+    start = 0
+    for mixed in mixes:
+        part = slice(start, start + mixed.images.shape[0])
+        start = part.stop
+        mix = mix + deep_supervised_mix_loss([o[part] for o in outputs], mixed, ds_weights)
+        mse = mse + discrepancy_mse_loss(outputs[0][part], mixed.targets[0], mixed.weights[0], disc[part])
+        kl = kl + discrepancy_uniform_ce_loss(outputs[0][part], mixed.targets[0], mixed.weights[0], disc[part])
+    if start != outputs[0].shape[0]:
+        raise ValueError(f"outputs: batch {outputs[0].shape[0]} != {start} mixed images")
+    return SDCLStudentLoss(mix + mse_weight * mse + kl_weight * kl, mix, mse, kl)
+
+
+def pretrain_epoch_count(num_epochs: int, fraction: float, explicit: int | None = None) -> int:
+    """Epochs of stage 1: ``explicit`` if given, else ``round(fraction · num_epochs)`` kept in ``[1, num_epochs − 1]``
+    for ``0 < fraction < 1`` (both stages run whenever ``num_epochs ≥ 2``); 0 / ``num_epochs`` for 0 / 1."""
+    if explicit is not None:
+        if explicit < 0:
+            raise ValueError(f"pretrain_epochs: must be >= 0, got {explicit}")
+        return int(explicit)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"pretrain_fraction: must be in [0, 1], got {fraction}")
+    if fraction == 0.0:
+        return 0
+    if fraction == 1.0:
+        return num_epochs
+    return max(min(round(fraction * num_epochs), num_epochs - 1), min(1, num_epochs - 1))

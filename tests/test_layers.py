@@ -1,0 +1,42 @@
+"""The layers of the code: the library (``nnssl/``) never imports the trainer plugin (``nnssl_trainers/``), and the
+plugin folder holds trainer modules only."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_the_library_never_imports_the_plugin():
+    offenders = {str(p.relative_to(REPO)): sorted(m for m in _imported_modules(p)
+                                                  if m.split(".")[0] == "nnssl_trainers")
+                 for p in (REPO / "nnssl").rglob("*.py")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_every_plugin_module_defines_trainers_and_imports_no_other_plugin_module():
+    import importlib
+    import inspect
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    for path in sorted((REPO / "nnssl_trainers").glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        assert not any(m.split(".")[0] == "nnssl_trainers" for m in _imported_modules(path)), path.name
+        module = importlib.import_module(f"nnssl_trainers.{path.stem}")
+        defined = [obj for _, obj in inspect.getmembers(module, inspect.isclass) if obj.__module__ == module.__name__]
+        assert defined and all(issubclass(obj, nnUNetTrainer) for obj in defined), (path.name, defined)
