@@ -15,7 +15,7 @@ SCANNED_FOLDERS = ("nnssl", "nnssl_trainers", "dataset_conversion", "tests", "do
 TEXT_SUFFIXES = {".py", ".md", ".txt", ".json", ".toml", ".cfg", ".sh", ".yml", ".yaml", ".rst"}
 # built from pieces so that this file does not contain the strings it forbids
 FORBIDDEN = ("shared" + "/methods", "SPEC" + ".md", "../" + "shared")
-METHOD_DOCS = ("mean_teacher", "cps", "guidednet", "sdcl", "dhc", "mgcc", "pseudolabel")
+METHOD_DOCS = ("mean_teacher", "cps", "guidednet", "sdcl", "dhc", "mgcc", "pseudolabel", "entropy_min")
 TRAINER_CLASS = re.compile(r"^class (nnUNetTrainer\w+)", re.MULTILINE)
 
 
@@ -61,3 +61,20 @@ def test_every_trainer_is_documented():
     docs += "\n" + (ROOT / "README.md").read_text(encoding="utf-8")
     undocumented = [name for name in sorted(trainers) if not re.search(rf"\b{name}\b", docs)]
     assert not undocumented, f"trainers missing from docs/methods/*.md and README.md: {undocumented}"
+
+
+def test_readme_add_a_method_example_is_the_shipped_trainer():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Add a method"):]
+    start = section.index("```python") + len("```python")
+    snippet = section[start:section.index("```", start)]
+    shipped = (ROOT / "nnssl_trainers" / "entropy_min.py").read_text(encoding="utf-8")
+    assert len(shipped.splitlines()) <= 80, "the worked example must stay short"
+    # every code line of the README's snippet (the docstring is abridged there) is in the shipped file, in order
+    code = [line for line in snippet.strip().splitlines() if line.strip() and '"""' not in line]
+    position = 0
+    for line in code:
+        found = shipped.find(line, position)
+        assert found >= 0, f"README line not in nnssl_trainers/entropy_min.py (in order): {line!r}"
+        position = found + len(line)
+

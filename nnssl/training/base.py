@@ -155,13 +155,14 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
     def build_extra_networks(self) -> None:
         """Hook: networks beyond the declared ones, with ``register_extra_network``. The default adds none."""
 
+    # None when not declared (never raise here: nnU-Net's _save_debug_information reads every attribute)
     @property
-    def teacher(self) -> nn.Module:
-        return self.extra_networks["teacher"]
+    def teacher(self) -> nn.Module | None:
+        return self.extra_networks.get("teacher")
 
     @property
-    def network2(self) -> nn.Module:
-        return self.extra_networks["network2"]
+    def network2(self) -> nn.Module | None:
+        return self.extra_networks.get("network2")
 
     def new_network(self, seed: int | None = None, deep_supervision: bool | None = None) -> nn.Module:
         """Another instance of this configuration's architecture on the device (optionally seeded init)."""

@@ -1,0 +1,108 @@
+"""The base every SSL trainer builds on (nnssl.training): the template step (loss = L_sup + w L_unsup, one host
+synchronisation, EMA after the step, the same logged keys for every method), declared networks and state in the
+checkpoint, capability checks with one error, and the worked example trainer of the README."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny_trainer as tiny
+import torch
+
+from nnssl.losses.entropy import softmax_entropy
+from nnssl.training.base import UnsupportedByTrainer
+from nnssl_trainers.cps import nnUNetTrainerCPS
+from nnssl_trainers.dhc import nnUNetTrainerDHC
+from nnssl_trainers.entropy_min import nnUNetTrainerEntropyMin
+from nnssl_trainers.mean_teacher import nnUNetTrainerMeanTeacher
+from nnssl_trainers.mgcc import nnUNetTrainerMGCC
+
+COMMON_KEYS = {"loss", "loss_supervised", "loss_unsupervised", "unsupervised_weight", "pseudo_label_confidence",
+               "fraction_above_threshold"}
+
+
+class HostSyncCounter:
+    """Counts the tensor -> host copies (``.cpu()``, ``.item()``, ``.tolist()``) made while it is active."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        for name in ("cpu", "item", "tolist"):
+            original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self.calls += 1
+                return _original(tensor, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+@pytest.mark.parametrize(("trainer_class", "extra_keys"), [
+    (nnUNetTrainerEntropyMin, set()),
+    (nnUNetTrainerMeanTeacher, set()),
+    (nnUNetTrainerCPS, {"agreement", "cps_loss_supervised_1", "cps_loss_supervised_2"}),
+    (nnUNetTrainerMGCC, {"agreement", "mgcc_loss_supervised_main"}),
+])
+def test_template_step_loss_log_and_one_host_sync(trainer_class, extra_keys, tmp_path, monkeypatch):
+    trainer = tiny.two_case_trainer(trainer_class, tmp_path, monkeypatch)
+    trainer.on_train_epoch_start()
+    trainer.global_iteration = 7
+    weight = trainer.current_unsupervised_weight()
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()} \
+        if trainer.teacher_ema_decay is not None else None
+    batch = tiny.tiny_batch(torch.Generator().manual_seed(0))
+    counter = HostSyncCounter(monkeypatch)
+    out = trainer.train_step(batch)
+    monkeypatch.undo()
+    assert counter.calls == 1, "one host synchronisation per step (the logging one)"
+    assert set(out) == COMMON_KEYS | extra_keys
+    assert all(math.isfinite(float(v)) for v in out.values())
+    assert out["unsupervised_weight"] == weight and trainer.global_iteration == 8
+    assert float(out["loss"]) == pytest.approx(out["loss_supervised"] + weight * out["loss_unsupervised"], rel=1e-5)
+    assert 1 / tiny.K <= out["pseudo_label_confidence"] <= 1 and 0 <= out["fraction_above_threshold"] <= 1
+    if teacher_before is not None:  # the declared EMA teacher followed the student after the step
+        assert any(not torch.equal(teacher_before[k], v) for k, v in trainer.teacher.state_dict().items())
+
+
+def test_declared_networks_state_and_legacy_checkpoint_names(tmp_path, monkeypatch):
+    trainer = tiny.two_case_trainer(nnUNetTrainerDHC, tmp_path, monkeypatch)
+    assert set(trainer.extra_networks) == set(trainer.extra_optimizers) == {"network2"}
+    state = trainer.ssl_state_dict()
+    assert set(state) == {"extra_networks", "extra_optimizers", "extra_state", "global_iteration", "ssl_log", "dhc"}
+    # a checkpoint of nnssl 0.1 named DHC's second network network_b: it still loads
+    legacy = {**state, "extra_networks": {"network_b": state["extra_networks"]["network2"]},
+              "extra_optimizers": {"network_b": state["extra_optimizers"]["network2"]}}
+    fresh = tiny.two_case_trainer(nnUNetTrainerDHC, tmp_path / "fresh", monkeypatch)
+    fresh.load_ssl_state_dict(legacy)
+    for key, value in trainer.network2.state_dict().items():
+        assert torch.equal(fresh.network2.state_dict()[key], value), key
+    # a checkpoint without a declared network says which and why
+    mt = tiny.two_case_trainer(nnUNetTrainerMeanTeacher, tmp_path / "mt", monkeypatch)
+    with pytest.raises(RuntimeError, match=r"nnUNetTrainerMeanTeacher: the checkpoint has no state for \['teacher'\]"):
+        mt.load_ssl_state_dict({**state, "extra_networks": {}, "extra_optimizers": {}})
+
+
+def test_capabilities_are_checked_once_with_one_error(tmp_path, monkeypatch):
+    regions = {**tiny.DATASET_JSON, "labels": {"background": 0, "a": [1, 2], "b": 2}, "regions_class_order": [1, 2]}
+    for trainer_class in (nnUNetTrainerCPS, nnUNetTrainerEntropyMin):
+        with pytest.raises(UnsupportedByTrainer, match=f"{trainer_class.__name__} does not support region-based "
+                                                       f"labels .*Dataset990_TrainerUnit, 2d"):
+            tiny.two_case_trainer(trainer_class, tmp_path / trainer_class.__name__, monkeypatch, regions)
+    assert issubclass(UnsupportedByTrainer, SystemExit)  # nnUNetv2_train prints the line, no traceback
+    mgcc = tiny.two_case_trainer(nnUNetTrainerMGCC, tmp_path / "mgcc", monkeypatch, regions)  # MGCC supports them
+    assert mgcc.label_manager.has_regions
+
+
+def test_softmax_entropy_properties():
+    k = 4
+    confident = torch.nn.functional.one_hot(torch.randint(0, k, (2, 5, 6)), k).movedim(-1, 1).float() * 100
+    assert softmax_entropy(confident).item() == pytest.approx(0.0, abs=1e-6)
+    assert softmax_entropy(torch.zeros(2, k, 5, 6)).item() == pytest.approx(math.log(k))
+    logits = torch.randn(2, k, 5, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = softmax_entropy(logits.to(torch.bfloat16))
+    assert value.dtype == torch.float32 and 0 < value.item() < math.log(k)
+    value.backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="logits"):
+        softmax_entropy(torch.zeros(2, k))
