@@ -32,44 +32,12 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         L_cps = CE_{w_A}(z^A, argmax z^B) + CE_{w_B}(z^B, argmax z^A)      whole batch, each net its OWN weights
         L = L_sup + lambda(e) L_cps,   lambda(e) = 0.1 * sigmoid_rampup(max(e - 1, 0), num_epochs)
 
-    DistDW starts from the voxel histogram of the ground truth of the fold's **labeled training cases** (nnU-Net's
-    preprocessed segmentations of ``do_split()``'s training keys, full volumes; voxels outside nnU-Net's nonzero
-    mask (-1) count as background). Unlabeled cases never contribute labels. The NaN guards (docs/methods/dhc.md) live
-    in the core functions: uniform counts give ``K * ones`` (no 0/0), and a weighted CE whose pseudo-labels all carry
-    weight 0 (all-background batch with DistDW's background weight 0) returns 0 with zero gradients.
-
-    Consistency ramp as DHC: per **epoch**, length = ``num_epochs`` (``rampup_epochs`` overrides), weight
-    0.1. DHC computes ``cps_w = w * r(0)`` before training and recomputes it at the end of each epoch ``e`` as
-    ``w * r(e)``, so epoch ``e`` trains with ``w * r(max(e - 1, 0))``; here it is that function of
-    ``current_epoch`` (nothing to checkpoint, exact after ``--c``). With nnU-Net's 1000 epochs the ramp is
-    1000 epochs long, as DHC's ramps over all its epochs.
-
-    Supervision with deep supervision: :class:`ClassWeightedDCandCELoss` wrapped in nnU-Net's
-    ``DeepSupervisionWrapper`` with the same scale factors as ``self.loss`` (nnU-Net's 1/2^i, lowest scale 0,
-    normalised to sum 1); the same class weights at every scale. With all weights 1 it equals nnU-Net's own
-    DC+CE (``self.loss``) up to 1e-8 in the Dice denominator. Dice smoothing is nnU-Net's 1e-5 and ``batch_dice``
-    the plans' (DHC: smooth 1, batch Dice). The class weights (DiffDW from A's labeled prediction, DistDW from B's
-    unlabeled argmax) and the CPS term use the full-resolution output only. nnU-Net's validation loss stays the
-    unweighted ``self.loss`` of network A.
-
-    Inference (``nnUNetv2_predict -tr nnUNetTrainerDHC``) uses **network A** (``network_weights``): nnU-Net
-    predicts with one network, while DHC evaluates the average of A's and B's logits. B is in the checkpoint
-    under ``nnssl_state['extra_networks']['network2']`` (``network_b`` in checkpoints of nnssl 0.1, still read).
-
-    Logged: the common keys (``loss_supervised`` = A + B, ``loss_unsupervised`` = L_cps, ``unsupervised_weight``,
-    ``agreement``: argmax A == argmax B over the whole batch, confidence on unlabeled voxels) and
-    ``dhc_loss_supervised_a`` / ``_b`` in ``ssl_progress``; the epoch mean of each class weight of A (DiffDW) and B
-    (DistDW) in the log, ``dhc_class_weights.json`` and ``dhc_class_weights.png``. DiffDW state (last_dice,
-    learn, unlearn, dice_weight, weights), DistDW weights, the initial labeled class counts and the class-weight
-    log are saved under ``nnssl_state['dhc']`` and restored by ``--c``.
-
-    Deviations forced by nnU-Net: the plans' U-Net instead of V-Net (no dropout), nnU-Net's SGD (lr 1e-2,
-    momentum 0.99) and poly lr per epoch (DHC: lr 3e-2, momentum 0.9, also per-epoch poly), patch size,
-    augmentation and batch (nnU-Net's batch size labeled + as many unlabeled; DHC 2 + 2), 250 iterations per
-    epoch, deep supervision for the supervised loss, nnU-Net's checkpoint selection (no early stopping on an
-    eval split). Under DDP every rank keeps its own DiffDW/DistDW statistics from its own sub-batch (DHC is
-    single-GPU); rank 0's are checkpointed. Region-based training and ignore labels are not supported (the
-    weights are per class).
+    DistDW starts from the voxel histogram of the fold's labeled training cases (unlabeled cases never contribute
+    labels). The ramp is DHC's, per epoch: epoch ``e`` trains with ``0.1 r(max(e - 1, 0))`` (``weight_schedule``).
+    Supervision: the class-weighted DC+CE in nnU-Net's deep-supervision wrapper (equal to nnU-Net's loss when all
+    weights are 1). Inference uses **network A**. DiffDW/DistDW state, the labeled counts and the class-weight log
+    (``dhc_class_weights.json/.png``) are checkpointed under ``nnssl_state['dhc']``. Defaults, NaN guards and every
+    deviation from ``train_dhc.py`` with its reason: docs/methods/dhc.md.
     """
 
     second_network = "kaiming"  # different random draw of the same init: DHC trains two kaiming-initialised V-Nets
