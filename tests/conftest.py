@@ -1,5 +1,9 @@
-"""Session-wide synthetic datasets, planned and preprocessed once through the real CLIs, shared by the
-end-to-end tests of every trainer."""
+"""Test layout: ``tests/unit/`` one file per library module (tensors in, tensors out; no CLI), ``tests/e2e/``
+through the real console scripts (every test there is marked ``slow``); shared helpers at this level
+(``tiny_trainer.py``: tiny plans for trainer unit tests, ``e2e_utils.py``, ``bad_input.py``, ``conversion_fakes.py``).
+
+Here: the ``slow`` mark of ``tests/e2e/`` and the session-wide synthetic datasets, planned and preprocessed once
+through the real CLIs, shared by the end-to-end tests of every trainer."""
 
 from __future__ import annotations
 
@@ -8,6 +12,14 @@ from pathlib import Path
 
 import pytest
 from e2e_utils import nnunet_env, run_cli
+
+E2E_FOLDER = Path(__file__).parent / "e2e"
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if E2E_FOLDER in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.slow)
 
 
 @dataclass

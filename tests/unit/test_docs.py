@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCANNED_FOLDERS = ("nnssl", "nnssl_trainers", "dataset_conversion", "tests", "docs")
 TEXT_SUFFIXES = {".py", ".md", ".txt", ".json", ".toml", ".cfg", ".sh", ".yml", ".yaml", ".rst"}
 # built from pieces so that this file does not contain the strings it forbids
