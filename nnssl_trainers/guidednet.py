@@ -28,38 +28,17 @@ from nnssl.training.step import SSLTerms, step_log
 
 
 class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
-    """GuidedNet: labeled data guide unlabeled data (Zhao et al., ACM MM 2024), as its official code computes it
-    (docs/methods/guidednet.md, ``kimjisoo12/GuidedNet train_guidedNet_flare.py`` + ``utils/tools.py``).
+    """GuidedNet: labeled data guide unlabeled data (Zhao et al., ACM MM 2024, Eq. 1-12), as its official code
+    (``train_guidedNet_flare.py``, ``utils/tools.py``) computes it (docs/methods/guidednet.md).
 
-    Networks (docs/methods/guidednet.md): two instances of the plans' architecture trained together from one summed
-    loss:
-    ``self.network`` (nnU-Net's He/kaiming-normal init) and the trainable extra network ``"network2"``
-    (xavier-normal init, :func:`xavier_normal_init_`), each with nnU-Net's optimizer and poly lr. Each exposes its
-    last decoder feature map (output of ``decoder.stages[-1]``, the input of the segmentation head, ``f``) through a
-    :class:`DecoderFeatureTap` forward hook registered here; the architecture itself is the plain plans one.
-    **Inference** (``nnUNetv2_predict -tr nnUNetTrainerGuidedNet``) uses ``self.network`` (net 1,
-    ``network_weights``); net 2 is in the checkpoint under ``nnssl_state``. The base's ``pseudo_label_dice``
-    diagnostic scores net 1 too (its pseudo-labels supervise net 2).
+    Two networks (``self.network``, He init, used for inference; the declared ``network2``, xavier init), each
+    exposing its last decoder feature map ``f`` (:class:`~nnssl.networks.feature_tap.DecoderFeatureTap`). On
+    ``[x_l; x_u]``, per network m: labeled class prototypes ``mu_k``, kernel maps ``r_k = exp(-d(f, mu_k)^2)``, GMM
+    soft-target losses on labeled and unlabeled voxels and prototype repulsion (``G^m``, :mod:`nnssl.losses.guidednet`,
+    :mod:`nnssl.gmm`); ``C`` the cross-network consistency of the labeled kernel maps; KT-CPS with crossed DistDW
+    weights of the correctly predicted labeled voxels (EMA 0.99, registered state ``kt_cps``)::
 
-    Loss per iteration (docs/methods/guidednet.md), labeled batch ``x_l, y`` and unlabeled batch ``x_u`` through both
-    nets as one batch, ``z^m, f^m = net_m([x_l; x_u])``, ``p = softmax(z)``:
-
-    - ``L_sup^m``: nnU-Net's Dice+CE with deep supervision on the labeled part;
-    - prototypes ``mu_{i,k} = mean_{y_i(v)=k} f_i(v)`` per labeled sample and class, presence ``c_{i,k}``;
-    - kernel maps ``r_k(v) = exp(-(mean_c |f(v)_c - mu_{k,c}|)^2)``, labeled ones masked by ``c``, unlabeled sample
-      ``j`` guided by labeled sample ``j mod N_l``;
-    - ``gmm_loss_l^m = loss1 + loss2 + proto_loss`` and ``gmm_loss_u^m`` (half-BCE soft targets, see gmm.py);
-    - ``C = mean((softmax_k r^{l,1} - softmax_k r^{l,2})^2)`` (cross-network kernel consistency, labeled);
-    - KT-CPS: ``w`` = DistDW weights ``K log(n_max/n_k)/max log(n_max/n_k')`` of the histogram of correctly
-      predicted labeled voxels (wrong ones count as background), EMA 0.99, one shared state updated by net 1
-      (``w_A``) then net 2 (``w_B``); ``L_ktcps = CE_{w_B}(z^1, ŷ^2) + CE_{w_A}(z^2, ŷ^1)`` over the whole batch;
-    - ``L = sum_m [L_sup^m + lam (gmm_loss_l^m + gmm_loss_u^m + w(t) C)] + w(t) L_ktcps`` with ``lam = 0.3``
-      (``guidance_weight``) and ``w(t) = 0.1 * sigmoid_rampup(t, L)`` (``unsup_weight_max``), ``t`` the global
-      iteration, ``L = rampup_length()`` (30 000 iterations as ``iter // 150`` with length 200, capped at 40 % of
-      the schedule).
-
-    State kept across iterations and checkpointed (``nnssl_state``, restored by ``--c``): net 2 and its optimizer
-    (base), the KT-CPS weight vector (``kt_cps``), the global iteration.
+        L = Σ_m [L_sup^m + λ (G^m + w(t) C)] + w(t) L_ktcps,   λ = 0.3,  w(t) = 0.1 · sigmoid_rampup(t, L)
 
     Deviations from the official code and why (nnU-Net's supervision, optimiser and augmentation; the labeled
     histogram of KT-CPS from the fold's labeled cases; any sub-batch sizes; the prototype batch mean; a voxel subset

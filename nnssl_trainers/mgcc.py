@@ -22,72 +22,21 @@ def _rows(output: Tensor | list[Tensor], rows: slice) -> Tensor | list[Tensor]:
 
 
 class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
-    """MGCC, multi-level global-context cross-consistency (Tang et al. 2023, arXiv 2305.09447; docs/methods/mgcc.md),
-    stage 2 (semi-supervised segmentation) on nnU-Net's plans, 2D and 3D.
+    """MGCC, multi-level global-context cross-consistency (Tang et al. 2023, arXiv 2305.09447, Eq. 1-4), stage 2
+    (semi-supervised segmentation) on nnU-Net's plans, 2D and 3D (docs/methods/mgcc.md).
 
-    Network (docs/methods/mgcc.md; ``nnssl/networks/multi_decoder.py``): the plans' encoder, shared by one main and
-    three auxiliary decoders (the plans' ``UNetDecoder``), and three ConvMixer blocks CM1, CM2, CM3 on the bottleneck
-    x5 (each 3 layers of residual depthwise 7^d conv -> GELU -> norm, then 1x1 conv -> GELU -> norm). In training
-    every decoder reads all encoder levels (skips included), each auxiliary decoder through its own perturbation:
+    The plans' encoder is shared by a main and three auxiliary decoders (``nnssl/networks/multi_decoder.py``); three
+    ConvMixer blocks CM1..CM3 on the bottleneck give the multi-level global context; aux1 reads the bottleneck
+    through feature dropout, aux2 CM1's output through dropout 0.3, aux3 CM2's through feature noise 0.3, the main
+    decoder CM3's, clean. On ``[x_l; x_u]`` (one encoder pass)::
 
-    - aux1 <- FeatureDropout([x1..x4, x5]) (zero locations whose channel-mean ``a >= gamma max a``, gamma~U(.7,.9)),
-    - aux2 <- Dropout p=0.3 ([x1..x4, CM1(x5)]),
-    - aux3 <- FeatureNoise 0.3 ([x1..x4, CM2(CM1(x5))]) (``x + x n``, n~U(-.3,.3) shared by the batch),
-    - main <- clean [x1..x4, CM3(CM2(CM1(x5)))].
+        L = L_sup + λ(t) L_cons,   L_sup = (1/4) Σ_{d ∈ main, aux1..3} DC+CE_ds(z_l^d, y)
+        L_cons = (1/3) Σ_i mean((P(z_u^main) − P(z_u^aux_i))²),   P = softmax (sigmoid per region channel)
+        λ(t) = 7 · sigmoid_rampup(t, L),   L = min(30 000, 1.5 × schedule)   (the official ramp-to-schedule ratio)
 
-    Loss on a batch of labeled patches ``B_l`` and unlabeled patches ``B_u`` (concatenated, one encoder pass):
-    ``L = L_sup + lambda(t) L_cons`` (docs/methods/mgcc.md) with
-    ``L_sup = (1/4) sum_{d in main, aux1..3} DC_CE_ds(z_l^d, y)`` (nnU-Net's Dice+CE with deep supervision in
-    place of the official BCE+Dice; the paper averages main and auxiliary supervised losses, and so does this
-    trainer) and ``L_cons = (1/3) sum_i mean((P(z_u^main) - P(z_u^aux_i))^2)`` on the full-resolution unlabeled
-    outputs, nothing detached (gradients reach the main decoder, every auxiliary decoder and the shared encoder).
-    ``P`` is softmax over nnU-Net's K >= 2 output channels, generalising the official single-channel sigmoid:
-    with K = 2 the mean over both channels of ``(p - q)^2`` equals the official ``(sigmoid(z) - sigmoid(z'))^2``
-    for the foreground logit difference, so lambda = 7 keeps its meaning for binary tasks (BUSI); with K > 2 the
-    channel mean makes the term smaller, so ``unsupervised_weight`` is a class attribute (variant
-    ``nnUNetTrainerMGCC_lambda1``). Region-based plans use a sigmoid per region channel.
-    ``lambda(t) = 7 sigmoid_rampup(t, L)`` with t the iteration and L = ``rampup_length()``: 30 000 iterations (the
-    official ``iter // 150`` with length 200), capped at 1.5 times the schedule instead of the base's 40 %. The
-    official ramp is 1.5 times its own schedule (30 000 of 20 000 iterations), so lambda only reaches
-    ``7 exp(-5/9) = 4.0`` at the end; keeping that ratio on short schedules matters for MGCC because lambda = 7 on
-    a consistency term with nothing detached, reached before the main decoder has learned anything, pulls every
-    decoder to the same all-background output (measured: 2D synthetic, 200 iterations, main-path Dice 0.00 with
-    the 40 % cap, 0.88 with lambda 1). nnU-Net's 1000 x 250 schedule still ramps over the paper's 30 000.
-
-    Inference: ``nnUNetv2_predict -tr nnUNetTrainerMGCC`` uses the main path, encoder -> CM1..CM3 -> main decoder
-    (``self.network``, what ``network_weights`` holds; ``build_network_architecture`` is overridden to build it),
-    with no perturbation, as the official eval forward. The auxiliary decoders are a trainable extra network
-    (``auxiliary_decoders``, own optimizer, saved under ``nnssl_state`` and restored by ``--c``); they hold no
-    encoder, so the encoder and the ConvMixers are stepped once per iteration by the main optimizer while
-    receiving the auxiliary losses' gradients. ``nnUNetTrainerMGCC_noGlobalContext`` leaves out the ConvMixers:
-    its inference network is then exactly the plans' plain nnU-Net (its weights load into ``PlainConvUNet``).
-
-    Using generated or other extra unlabeled images (the paper's stage 1, a latent diffusion model generating
-    ultrasound images, is not part of nnssl): put them in a folder, one image per file with the dataset's file
-    ending, then::
-
-        nnssl_add_unlabeled DATASET_ID FOLDER --prefix gen_          # copies them to imagesUnlabeled, lists them
-        nnssl_preprocess_unlabeled -d DATASET_ID -c 2d               # only the new cases are preprocessed
-        nnUNetv2_train DATASET_ID 2d 0 -tr nnUNetTrainerMGCC
-
-    RGB PNGs are converted to the dataset's single grey channel; the plans do not change (they come from the
-    labeled cases), so no re-planning is needed.
-
-    Logged per epoch: the common keys (``loss_supervised`` = ``L_sup``, ``loss_unsupervised`` = ``L_cons``,
-    ``unsupervised_weight``, confidence of the main decoder on unlabeled voxels, ``agreement``: fraction of
-    unlabeled voxels where the main and an auxiliary decision agree, mean over the auxiliary decoders) and
-    ``mgcc_loss_supervised_main``.
-
-    Deviations from the official code, forced by nnU-Net or by 3D: the backbone is the plans' U-Net (no MSAG
-    attention gates on the skips, which belong to the CMU-Net backbone, not to the SSL method; nnU-Net's strided
-    convs and stage count instead of 5 max-pooled stages of 64..1024 channels); ConvMixers use the plans' norm
-    (InstanceNorm) instead of BatchNorm and 7^3 kernels in 3D; supervised loss Dice+CE with deep supervision on
-    every decoder (SSL term at full resolution only); nnU-Net's optimiser, poly lr, patch and batch size and
-    augmentation (official: SGD 0.01, 256x256, 4+4 images, flips/rot90). One encoder and four decoders on the
-    labeled + unlabeled batch need about 2.5 times the activation memory of one U-Net on that batch
-    (``nnUNetTrainerMGCC_mainSupervisionOnly`` runs the auxiliary decoders on the unlabeled half only).
-    The perturbation order is that of the snapshot read for docs/methods/mgcc.md (aux1 feature dropout, aux3 feature
-    noise); the later official snapshot swaps aux1 and aux3 (``nnUNetTrainerMGCC_snapshotOrder``).
+    Nothing is detached in ``L_cons``. Inference: the main path (``self.network``), no perturbation; the auxiliary
+    decoders are the trainable extra network ``auxiliary_decoders``. Variants, generated unlabeled images
+    (``nnssl_add_unlabeled``) and every deviation from the official code: docs/methods/mgcc.md.
     """
 
     unsupervised_weight = 7.0

@@ -19,43 +19,21 @@ from nnssl.training.step import SSLTerms, step_log
 
 
 class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
-    """SDCL (Song & Wang, MICCAI 2024) on BCP bidirectional copy-paste, as nnU-Net v2 trainers (docs/methods/sdcl.md).
+    """SDCL, students discrepancy-informed correction learning (Song & Wang, MICCAI 2024, Eq. 1-6), on BCP's
+    bidirectional copy-paste (docs/methods/sdcl.md).
 
-    Networks (docs/methods/sdcl.md)
-        student 1  ``self.network``: nnU-Net's architecture from the plans (``PlainConvUNet`` by default). It is what
-                   ``checkpoint['network_weights']`` holds, what nnU-Net validates and what ``nnUNetv2_predict -tr
-                   nnUNetTrainerSDCL`` uses.
-        student 2  a trainable extra network (``extra_networks['student2']``) of a *different* architecture with the
-                   same stages, features, kernel sizes, strides and decoder (:func:`second_student_architecture`):
-                   a ``ResidualEncoderUNet`` when the plans hold a plain U-Net (one residual block per stage by default,
-                   i.e. the plain encoder's depth plus skip connections, as the paper pairs VNet with ResVNet), or a
-                   ``PlainConvUNet`` when the plans already hold a residual-encoder U-Net (nnU-Net ResEnc presets).
-        teacher    a non-trainable EMA copy of student 1 (``extra_networks['teacher']``), ``θ_T ← 0.99 θ_T + 0.01 θ_1``
-                   after every stage-2 step with a constant decay (BCP ``update_ema_variables``: no warm-up), parameters
-                   only; it is set to student 1 when stage 2 begins (official: loaded from student 1's pre-train
-                   checkpoint).
+    Networks: student 1 ``self.network`` (the plans' U-Net, used for inference), student 2 ``network2`` of the other
+    architecture with the same stages (plain <-> residual encoder, :mod:`nnssl.networks.second_student`), and an
+    EMA ``teacher`` of student 1 (constant decay 0.99, after every stage-2 step). One trainer, two stages switched
+    at epoch ``round(0.2 · num_epochs)`` (``pretrain_fraction``, ``pretrain_epochs``; saved in the checkpoint):
 
-    Stages (one trainer, switched at an epoch; both stages live in the same checkpoints, ``--c`` resumes either)
-        stage 1 (epochs ``[0, pretrain_epochs)``, BCP pre-training on labelled patches only): ``X = L_a ⊙ M + L_b ⊙
-            (1 − M)``, ``Y = GT_a ⊙ M + GT_b ⊙ (1 − M)``; each student is trained on nnU-Net's Dice+CE of the mixed
-            label with deep supervision.
-        stage 2 (self-training, docs/methods/sdcl.md): teacher pseudo-labels ``PL = argmax softmax(teacher(U))``;
-            ``X_l = U_a ⊙ M + L_b ⊙ (1 − M)``, ``X_u = L_a ⊙ M + U_b ⊙ (1 − M)`` with targets ``Y_l = PL_a | GT_b`` and
-            ``Y_u = GT_a | PL_b`` and region weights ω = 0.5 on pseudo-labelled and 1.0 on ground-truth voxels;
-            ``D = 1[argmax z¹ ≠ argmax z²]`` (shared by both students); per student s:
-            ``L_s = mix(X_l) + mix(X_u) + λ_mse (L_mse(X_l) + L_mse(X_u)) + λ_kl (L_kl(X_l) + L_kl(X_u))``
-            with λ_mse = 0.5, λ_kl = 0.05 (LA, ACDC; ``nnUNetTrainerSDCL_pancreas``: 0.3 / 0.1). ``mix`` is BCP's
-            region-weighted (Dice + CE) / 2 (:func:`nnssl.losses.sdcl.mixed_region_loss`), ``L_mse`` / ``L_kl`` are
-            :func:`~nnssl.losses.sdcl.discrepancy_mse_loss` / :func:`~nnssl.losses.sdcl.discrepancy_uniform_ce_loss`.
-            One backward of ``L_1 + L_2`` (each student's parameters only receive their own loss, D is detached), then
-            the EMA update of the teacher.
+        stage 1 (BCP pre-training, labeled only): X = L_a ⊙ M + L_b ⊙ (1 − M), each student on DC+CE of the mixed label
+        stage 2: PL = argmax teacher(U);  X_l = U_a ⊙ M + L_b ⊙ (1 − M),  X_u = L_a ⊙ M + U_b ⊙ (1 − M)
+                 D = 1[argmax z¹ ≠ argmax z²];  per student s:
+                 L_s = mix(X_l) + mix(X_u) + λ_mse Σ_X L_mse(X) + λ_kl Σ_X L_kl(X),   λ_mse 0.5, λ_kl 0.05
 
-    ``pretrain_epochs`` (class attribute, ``None`` by default) fixes the switch epoch; otherwise it is
-    ``round(pretrain_fraction · num_epochs)`` with ``pretrain_fraction = 0.2`` (official LA 80 of 355 epochs,
-    ACDC 100 of 500, Pancreas 101 of 422, at the same iterations per epoch in both stages), kept in
-    ``[1, num_epochs − 1]`` so that short schedules run both stages. The switch epoch is saved in the checkpoint and
-    kept on ``--c`` even if the schedule changes. ``pretrain_fraction = 0`` starts self-training at once, ``1`` runs
-    stage 1 only.
+    ``mix`` is BCP's region-weighted (Dice + CE) / 2 (ω = 0.5 on pseudo-labelled, 1 on ground-truth voxels) over
+    nnU-Net's deep-supervision outputs; the corrections use the full-resolution output. One backward of L_1 + L_2.
 
     Logged per epoch: the common keys (``loss_supervised`` = the mixed loss of both students, ``loss_unsupervised``
     = their discrepancy corrections ``λ_mse L_mse + λ_kl L_kl`` (weight 1: the λ are inside), ``agreement`` = 1 −
