@@ -14,13 +14,12 @@ from torch import autocast
 
 from nnssl.io import atomic_write_json
 from nnssl.pseudolabel.dataset import is_pseudo_id
+from nnssl.pseudolabel.heads import restore_segmentation_heads, source_checkpoints
 from nnssl.pseudolabel.weighting import pseudo_label_mask, pseudo_sampling_probabilities, pseudo_weighted_loss
 from nnssl.split import SPLIT_FILE_NAME
 from nnssl.tensors import unwrap
 from nnssl.training.environment import ScheduleFromEnvironment
 from nnssl.training.folds import MIN_CASES_FOR_CROSS_VALIDATION
-
-SEG_LAYER_KEY = ".seg_layers."  # the keys nnU-Net's load_pretrained_weights leaves out
 
 
 class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
@@ -41,46 +40,12 @@ class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
       ``sampling_probabilities``, :func:`nnssl.pseudolabel.weighting.pseudo_sampling_probabilities`);
     - ``_DA``: nnU-Net's usual augmentation instead of none.
 
-    Validation and split: pseudo-labeled cases are never validated on (a Dice against a pseudo-label means
-    nothing). Without ``splits_final.json`` the folds are nnU-Net's 5-fold split (seed 12345) of the *real* labeled
-    ids, which are the source dataset's ids, so fold f validates on the cases the stage-1 fold-f model was validated
-    on (when stage 1 used nnU-Net's default split), and every pl_ case is added to every training fold. An
-    existing ``splits_final.json`` is used, with any pl_ case moved from validation to training.
-
-    ``-pretrained_weights`` loads everything but the segmentation heads (nnU-Net's ``load_pretrained_weights`` is
-    meant for transfer to other labels). The labels are the same here, so at the start of a fresh run the heads
-    are also copied from the source model that ``ssl_split.json`` names (``pseudo_label_rounds[-1]``) **iff** the
-    rest of the network equals that checkpoint, i.e. ``-pretrained_weights`` was given that model; otherwise the
-    log says so and the heads stay freshly initialised.
-
-    Inference: ``nnUNetv2_predict -tr nnUNetTrainerPseudoLabelFinetune`` (one network, ``network_weights``).
-
-    Deviations forced by nnU-Net: patch size, batch size, foreground oversampling (33 %, paper 50 %) and network
-    are nnU-Net's plans (paper: 128^3, batch 2); an epoch is nnU-Net's 250 iterations.
-
-    End-to-end recipe (stage 1 can be any trainer, e.g. nnUNetTrainer or an nnssl SSL trainer)::
-
-        nnssl_plan_and_preprocess -d OLD -c 3d_fullres
-        nnUNetv2_train OLD 3d_fullres 0 -tr nnUNetTrainer
-        nnssl_pseudolabel -d OLD -c 3d_fullres -f 0 -tr nnUNetTrainer -o NEW --preprocess   # --min-voxels 2000
-        STAGE1=$nnUNet_results/DatasetOLD_Name/nnUNetTrainer__nnUNetPlans__3d_fullres
-        nnUNetv2_train NEW 3d_fullres 0 -tr nnUNetTrainerPseudoLabelFinetune \
-            -pretrained_weights $STAGE1/fold_0/checkpoint_final.pth
-        nnUNetv2_predict -d NEW -c 3d_fullres -f 0 -tr nnUNetTrainerPseudoLabelFinetune -i ... -o ...
-
-    ``--preprocess`` plans NEW by *moving* the stage-1 plans (not re-planning), so that the architecture and the
-    intensity normalisation are the stage-1 model's and ``-pretrained_weights`` fits; it runs nnU-Net's own steps
-    (:func:`nnssl.pseudolabel.dataset.preprocess_with_source_plans`), by hand::
-
-        nnUNetv2_extract_fingerprint -d NEW
-        nnUNetv2_move_plans_between_datasets -s OLD -t NEW -sp nnUNetPlans -tp nnUNetPlans
-        cp $nnUNet_raw/DatasetNEW_*/dataset.json $nnUNet_preprocessed/DatasetNEW_*/
-        nnUNetv2_preprocess -d NEW -plans_name nnUNetPlans -c 3d_fullres
-
-    Another round: ``nnssl_pseudolabel -d NEW -c 3d_fullres -f 0 -tr nnUNetTrainerPseudoLabelFinetune -o NEW2
-    --preprocess`` (NEW's imagesUnlabeled holds the cases not selected so far; NEW's plans are OLD's), then train on
-    NEW2 with the NEW model as ``-pretrained_weights``. For an SSL trainer on NEW, also run
-    ``nnssl_preprocess_unlabeled -d NEW -c 3d_fullres``.
+    Pseudo-labeled cases are never validated on; without ``splits_final.json`` the folds are nnU-Net's 5-fold split
+    of the *real* labeled ids with every ``pl_`` case in every training fold. At the start of a fresh run the
+    segmentation heads (which ``-pretrained_weights`` skips) are copied from the stage-1 model that
+    ``ssl_split.json`` names, iff the rest of the network equals it (:mod:`nnssl.pseudolabel.heads`). Inference:
+    the one network. The end-to-end recipe (``nnssl_pseudolabel --preprocess``, ``-pretrained_weights``), another
+    round and the deviations forced by nnU-Net: docs/methods/pseudolabel.md.
     """
 
     pseudo_loss_weight: float = 1.0
@@ -220,44 +185,16 @@ class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
         if self.current_epoch == 0:  # a fresh run; --c resumes with its own trained heads
             self.restore_pretrained_segmentation_heads()
 
-    def source_checkpoints(self) -> list[str]:
-        """Checkpoint(s) of the model that made this dataset's newest pseudo-labels, from its ssl_split.json."""
-        import json
-
+    def restore_pretrained_segmentation_heads(self) -> bool:
+        """Copy the segmentation heads from the source model of this dataset's newest pseudo-labels if the network
+        already holds its other weights (it was given to ``-pretrained_weights``). Returns whether heads were copied."""
         from nnunetv2.paths import nnUNet_raw
 
-        candidates = [os.path.join(self.preprocessed_dataset_folder_base, SPLIT_FILE_NAME)]
-        if nnUNet_raw:
-            candidates.append(os.path.join(str(nnUNet_raw), self.plans_manager.dataset_name, SPLIT_FILE_NAME))
-        for path in candidates:
-            if os.path.isfile(path):
-                with open(path) as f:
-                    rounds = json.load(f).get("pseudo_label_rounds", [])
-                if rounds:
-                    return list(rounds[-1]["model"].get("checkpoint_files", []))
-        return []
-
-    def restore_pretrained_segmentation_heads(self) -> bool:
-        """Copy the segmentation heads from the source checkpoint whose other weights the network already holds
-        (i.e. the one given to -pretrained_weights). Returns whether heads were copied."""
-        network = unwrap(self.network)
-        state = network.state_dict()
-        body = [k for k in state if SEG_LAYER_KEY not in k]
-        for path in self.source_checkpoints():
-            if not os.path.isfile(path):
-                self.print_to_log_file(f"source model {path} (from {SPLIT_FILE_NAME}) not found")
-                continue
-            weights = torch.load(path, map_location="cpu", weights_only=False)["network_weights"]
-            if all(k in weights and weights[k].shape == state[k].shape and torch.equal(weights[k], state[k].cpu())
-                   for k in body):
-                heads = {k: weights[k] for k in state if SEG_LAYER_KEY in k}
-                network.load_state_dict({**state, **heads})
-                self.print_to_log_file(f"segmentation heads ({len(heads)} tensors) restored from {path}: the network "
-                                       f"now equals the source model")
-                return True
-        self.print_to_log_file("note: the network does not hold the source model's weights (no -pretrained_weights, "
-                               "or another checkpoint): segmentation heads left as initialised")
-        return False
+        raw_split = os.path.join(str(nnUNet_raw), self.plans_manager.dataset_name, SPLIT_FILE_NAME) \
+            if nnUNet_raw else None
+        checkpoints = source_checkpoints([os.path.join(self.preprocessed_dataset_folder_base, SPLIT_FILE_NAME),
+                                          raw_split])
+        return restore_segmentation_heads(unwrap(self.network), checkpoints, self.print_to_log_file)
 
 
 class nnUNetTrainerPseudoLabelFinetune_plWeight05(nnUNetTrainerPseudoLabelFinetune):

@@ -239,3 +239,34 @@ def test_finetune_split_of_fewer_than_five_real_cases_stops_with_a_message(tmp_p
     nnUNetTrainerPseudoLabelFinetune._create_split_of_real_cases(fake)
     splits = json.loads((tmp_path / "splits_final.json").read_text())
     assert len(splits) == 5 and all("pl_case_3" in s["train"] and "pl_case_3" not in s["val"] for s in splits)
+
+
+def test_segmentation_heads_are_restored_only_from_the_model_the_network_holds(tmp_path):
+    import json
+
+    from torch import nn
+
+    from nnssl.pseudolabel.heads import restore_segmentation_heads, source_checkpoints
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = nn.Conv2d(1, 2, 1)
+            self.decoder = nn.Module()
+            self.decoder.seg_layers = nn.ModuleList([nn.Conv2d(2, 3, 1)])
+
+    torch.manual_seed(0)
+    stage1, fresh = Net(), Net()
+    fresh.encoder.load_state_dict(stage1.encoder.state_dict())  # what -pretrained_weights does: all but the heads
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": stage1.state_dict()}, path)
+    split = tmp_path / "ssl_split.json"
+    split.write_text(json.dumps({"pseudo_label_rounds": [{"model": {"checkpoint_files": ["old.pth"]}},
+                                                         {"model": {"checkpoint_files": [str(path)]}}]}))
+    assert source_checkpoints([None, tmp_path / "missing.json", split]) == [str(path)]  # the newest round
+    messages = []
+    other = Net()
+    assert not restore_segmentation_heads(other, [str(tmp_path / "gone.pth"), str(path)], messages.append)
+    assert "not found" in messages[0] and "left as initialised" in messages[-1]
+    assert restore_segmentation_heads(fresh, [str(path)], messages.append)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), stage1.state_dict().values()))
