@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Sequence
+from typing import Mapping, Sequence
+
+import torch
 
 from nnssl.io import atomic_write_json
 
@@ -59,3 +61,35 @@ def plot_class_weights(log: ClassWeightLog, class_names: Sequence[str], path: st
     fig.savefig(tmp)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+class EpochClassWeights:
+    """The per-class weights of every step, summed on their device (no host copy per step), recorded as their epoch
+    mean in a :data:`ClassWeightLog` and saved as ``<stem>.json`` / ``<stem>.png``."""
+
+    def __init__(self) -> None:
+        self.log: ClassWeightLog = {}
+        self._sums: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def start_epoch(self) -> None:
+        self._sums, self._steps = {}, 0
+
+    def add(self, weights: Mapping[str, torch.Tensor]) -> None:
+        for name, value in weights.items():
+            total = self._sums.get(name)
+            self._sums[name] = value.detach().float() if total is None else total + value.detach()
+        self._steps += 1
+
+    def end_epoch(self, epoch: int) -> dict[str, list[float]]:
+        """Record (and return) the epoch means; nothing when no step was added."""
+        means = {name: (total / self._steps).cpu().tolist() for name, total in self._sums.items()} \
+            if self._steps else {}
+        for name, mean in means.items():
+            record_epoch(self.log, name, epoch, mean)
+        return means
+
+    def save(self, folder: str | os.PathLike, stem: str, class_names: Sequence[str]) -> None:
+        if self.log:
+            save_class_weights(self.log, class_names, os.path.join(folder, f"{stem}.json"))
+            plot_class_weights(self.log, class_names, os.path.join(folder, f"{stem}.png"))

@@ -1,9 +1,8 @@
 import numpy as np
 import torch
-from batchgenerators.utilities.file_and_folder_operations import join
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
-from nnssl.class_weight_diagnostics import plot_class_weights, record_epoch, save_class_weights
+from nnssl.class_weight_diagnostics import EpochClassWeights
 from nnssl.debiasing import DifficultyAwareWeighting, DistributionAwareWeighting, class_histogram
 from nnssl.losses.cps import cross_pseudo_supervision_loss, hard_pseudo_label
 from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
@@ -60,9 +59,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
                                                              self.diffdw_exponent)
         self._distribution_weighting: DistributionAwareWeighting | None = None
         self.labeled_class_counts: torch.Tensor | None = None
-        self.class_weight_log: dict[str, list[list[float]]] = {}
-        self._epoch_weight_sums: dict[str, torch.Tensor] = {}
-        self._epoch_weight_steps = 0
+        self.class_weights = EpochClassWeights()
         self.weighted_supervised_loss = None  # -> initialize
 
     # ------------------------------------------------------------------ set-up
@@ -144,7 +141,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         full_a, full_b = outputs_a[0], outputs_b[0]
         target_full = target[0] if isinstance(target, list) else target
         weights_a, weights_b = self.update_class_weights(full_a[:n_l], target_full, full_b[n_l:])
-        self._accumulate_epoch_weights(weights_a, weights_b)
+        self.class_weights.add({DIFFDW_LOG: weights_a, DISTDW_LOG: weights_b})
         if self.enable_deep_supervision:
             sup_a = self.weighted_supervised_loss_of([o[:n_l] for o in outputs_a], target, weights_a)
             sup_b = self.weighted_supervised_loss_of([o[:n_l] for o in outputs_b], target, weights_b)
@@ -157,32 +154,22 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
                         extras={"loss_supervised_a": sup_a, "loss_supervised_b": sup_b})
 
     # ------------------------------------------------------------------ class-weight log
-    def _accumulate_epoch_weights(self, weights_a: torch.Tensor, weights_b: torch.Tensor) -> None:
-        for name, weights in ((DIFFDW_LOG, weights_a), (DISTDW_LOG, weights_b)):
-            total = self._epoch_weight_sums.get(name)
-            self._epoch_weight_sums[name] = weights.detach().float() if total is None else total + weights.detach()
-        self._epoch_weight_steps += 1
+    @property
+    def class_weight_log(self) -> dict[str, list[list[float]]]:
+        return self.class_weights.log
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        self._epoch_weight_sums = {}
-        self._epoch_weight_steps = 0
+        self.class_weights.start_epoch()
 
     def on_train_epoch_end(self, train_outputs: list[dict]):
         super().on_train_epoch_end(train_outputs)
-        if self._epoch_weight_steps == 0:
-            return
-        for name, total in self._epoch_weight_sums.items():
-            mean = (total / self._epoch_weight_steps).cpu().tolist()
-            record_epoch(self.class_weight_log, name, self.current_epoch, mean)
+        for name, mean in self.class_weights.end_epoch(self.current_epoch).items():
             self.print_to_log_file(f"dhc {name} (epoch mean): {_rounded(mean)}")
 
     def on_epoch_end(self):
-        if self.local_rank == 0 and self.class_weight_log:
-            save_class_weights(self.class_weight_log, self.class_names(),
-                               join(self.output_folder, "dhc_class_weights.json"))
-            plot_class_weights(self.class_weight_log, self.class_names(),
-                               join(self.output_folder, "dhc_class_weights.png"))
+        if self.local_rank == 0:
+            self.class_weights.save(self.output_folder, "dhc_class_weights", self.class_names())
         super().on_epoch_end()
 
     # ------------------------------------------------------------------ checkpoints
@@ -209,7 +196,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         self._distribution_weighting = distribution
         counts = dhc.get("labeled_class_counts")
         self.labeled_class_counts = None if counts is None else torch.as_tensor(counts).clone()
-        self.class_weight_log = {k: [list(e) for e in v] for k, v in dhc.get("class_weight_log", {}).items()}
+        self.class_weights.log = {k: [list(e) for e in v] for k, v in dhc.get("class_weight_log", {}).items()}
 
 
 def _rounded(values: torch.Tensor | list[float]) -> list[float]:
