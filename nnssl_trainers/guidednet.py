@@ -24,7 +24,7 @@ from nnssl.losses.guidednet import (
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.step import SSLTerms, step_log
+from nnssl.training.step import SSLTerms
 
 
 class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
@@ -82,61 +82,49 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
         scalars to log. Gets both nets' full-batch logits and features (labeled first) and the labels."""
         return [None for _ in logits], {}
 
-    def train_step(self, batch: dict) -> dict:
-        data, target, unlabeled = self.to_device(batch)
+    def ssl_terms(self, data: Tensor, target, unlabeled: Tensor) -> SSLTerms:
         labels = target[0] if isinstance(target, list) else target  # (N_l, 1, *sp), full resolution
-        n_l = data.shape[0]
-        spatial = data.shape[2:]
-        weight = self.current_unsupervised_weight()
-        self.zero_grad()
-        with self.autocast():
-            inputs = torch.cat((data, unlabeled))
-            outputs, features = [], []
-            for net, tap in zip((self.network, self.network2), self.feature_taps):
-                with tap.capture():
-                    out = net(inputs)
-                outputs.append(as_list(out))
-                features.append(tap.take())
-            logits = [out[0] for out in outputs]  # full resolution (N_l + N_u, K, *sp)
+        n_l, spatial = data.shape[0], data.shape[2:]
+        inputs = torch.cat((data, unlabeled))
+        outputs, features = [], []
+        for net, tap in zip((self.network, self.network2), self.feature_taps):
+            with tap.capture():
+                outputs.append(as_list(net(inputs)))
+            features.append(tap.take())
+        logits = [out[0] for out in outputs]  # full resolution (N_l + N_u, K, *sp)
+        supervised = [self.supervised_loss(out, target, n_l) for out in outputs]
 
-            supervised = [self.supervised_loss(out, target, n_l) for out in outputs]
-
-            index_l = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
-            index_u = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
-            labels_sub = flat_voxels(labels[:, 0], len(spatial), index_l)
-            guidance = []
-            for z, f in zip(logits, features):
-                prototypes, present = class_prototypes(f[:n_l], labels, self.num_classes)
-                guidance.append(guidance_terms(
-                    prototypes, present,
-                    flat_voxels(f[:n_l], len(spatial), index_l), flat_voxels(z[:n_l], len(spatial), index_l),
-                    labels_sub,
-                    flat_voxels(f[n_l:], len(spatial), index_u), flat_voxels(z[n_l:], len(spatial), index_u),
-                    prototype_batch_mean=self.prototype_batch_mean))
-            kernel_consistency = cross_network_kernel_consistency(guidance[0].responsibility_labeled,
-                                                                  guidance[1].responsibility_labeled)
-
-            w_a, w_b = kt_cps_class_weights(self.kt_weighting, logits[0][:n_l], logits[1][:n_l], labels)
-            pseudo_u, extra_logs = self.unlabeled_pseudo_labels(logits, features, labels, n_l)
-            pseudo = [None if p_u is None else torch.cat((hard_pseudo_label(z[:n_l]), p_u))
-                      for z, p_u in zip(logits, pseudo_u)]
-            kt_cps = kt_cps_loss(logits[0], logits[1], w_a, w_b, pseudo[0], pseudo[1])
-
-            loss = assemble_guidednet_loss(supervised, [g.total for g in guidance], kernel_consistency, kt_cps,
-                                           self.guidance_weight, weight)
-        self.backward_and_step(loss)
-        self.global_iteration += 1
+        index_l = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
+        index_u = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
+        labels_sub = flat_voxels(labels[:, 0], len(spatial), index_l)
+        guidance = []
+        for z, f in zip(logits, features):
+            prototypes, present = class_prototypes(f[:n_l], labels, self.num_classes)
+            guidance.append(guidance_terms(
+                prototypes, present, flat_voxels(f[:n_l], len(spatial), index_l),
+                flat_voxels(z[:n_l], len(spatial), index_l), labels_sub, flat_voxels(f[n_l:], len(spatial), index_u),
+                flat_voxels(z[n_l:], len(spatial), index_u), prototype_batch_mean=self.prototype_batch_mean))
+        kernel_consistency = cross_network_kernel_consistency(guidance[0].responsibility_labeled,
+                                                              guidance[1].responsibility_labeled)
+        w_a, w_b = kt_cps_class_weights(self.kt_weighting, logits[0][:n_l], logits[1][:n_l], labels)
+        pseudo_u, extra_logs = self.unlabeled_pseudo_labels(logits, features, labels, n_l)
+        pseudo = [None if p_u is None else torch.cat((hard_pseudo_label(z[:n_l]), p_u))
+                  for z, p_u in zip(logits, pseudo_u)]
+        kt_cps = kt_cps_loss(logits[0], logits[1], w_a, w_b, pseudo[0], pseudo[1])
+        # the official nesting (lam inside, w(t) on C and KT-CPS), summed in its order: L_sup + w L_unsup with
+        # L_unsup = 2 lam C + L_ktcps is the same value up to float rounding
+        loss = assemble_guidednet_loss(supervised, [g.total for g in guidance], kernel_consistency, kt_cps,
+                                       self.guidance_weight, self.current_unsupervised_weight())
         logits_u = (logits[0][n_l:], logits[1][n_l:])
         with torch.no_grad():
-            terms = SSLTerms(
+            return SSLTerms(
                 sum(supervised), 2 * self.guidance_weight * kernel_consistency + kt_cps, pseudo_label_logits=logits_u,
-                agreement=argmax_agreement(*logits_u),
+                agreement=argmax_agreement(*logits_u), loss=loss,
                 extras={"loss_gmm_labeled": (guidance[0].gmm_labeled + guidance[1].gmm_labeled) / 2,
                         "loss_prototype": (guidance[0].prototype + guidance[1].prototype) / 2,
                         "loss_gmm_unlabeled": (guidance[0].gmm_unlabeled + guidance[1].gmm_unlabeled) / 2,
                         "loss_kernel_consistency": kernel_consistency, "loss_ktcps": kt_cps,
                         "kt_weight_min": w_b.min(), "kt_weight_max": w_b.max(), **extra_logs})
-        return step_log(loss, weight, terms, self.log_prefix, self.confidence_threshold)
 
     def load_ssl_state_dict(self, state: dict) -> None:
         if "kt_cps" in state:  # written by nnssl 0.1, before registered state

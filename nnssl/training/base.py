@@ -257,7 +257,7 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
         self.zero_grad()
         with self.autocast():
             terms = self.ssl_terms(data, target, unlabeled)
-            loss = terms.loss_supervised + weight * terms.loss_unsupervised
+            loss = terms.loss_supervised + weight * terms.loss_unsupervised if terms.loss is None else terms.loss
         self.backward_and_step(loss)
         self.after_optimizer_step()
         self.global_iteration += 1

@@ -33,7 +33,9 @@ class SSLTerms:
     argmax is the method's pseudo-label (one tensor per network; their confidence statistics are averaged);
     ``agreement``: the fraction of voxels where the method's predictions agree (e.g.
     :func:`nnssl.tensors.argmax_agreement` of its two networks; ``None``: not logged); ``extras``: the method's own
-    scalars (tensors or floats), logged under its prefix.
+    scalars (tensors or floats), logged under its prefix. ``loss``: the method's total, for a method whose loss is
+    not the one sum ``L_sup + w L_unsup`` (GuidedNet weights parts of its guidance term inside; SDCL's weights are
+    inside its correction terms); the logged terms must still be its supervised and weighted parts.
     """
 
     loss_supervised: torch.Tensor
@@ -41,6 +43,7 @@ class SSLTerms:
     pseudo_label_logits: Sequence[torch.Tensor] = ()
     agreement: torch.Tensor | None = None
     extras: Mapping[str, torch.Tensor | float] = field(default_factory=dict)
+    loss: torch.Tensor | None = None
 
 
 @torch.no_grad()

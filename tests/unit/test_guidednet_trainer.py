@@ -317,6 +317,9 @@ class _TrainStepHarness:
     (no planned dataset): plain SGD, no deep supervision, nnU-Net's DC+CE."""
 
     train_step = nnUNetTrainerGuidedNet.train_step
+    ssl_terms = nnUNetTrainerGuidedNet.ssl_terms
+    after_optimizer_step = nnUNetTrainerGuidedNet.after_optimizer_step
+    teacher_ema_decay = None
     current_unsupervised_weight = nnUNetTrainerGuidedNet.current_unsupervised_weight
     weight_schedule = nnUNetTrainerGuidedNet.weight_schedule
     supervised_loss = nnUNetTrainerGuidedNet.supervised_loss
