@@ -15,7 +15,7 @@ from nnssl.mixing import MixedBatch, bcp_mask, bidirectional_copy_paste_ds, labe
 from nnssl.networks.second_student import RESENC_M_BLOCKS, build_second_student
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.step import SSLTerms, step_log
+from nnssl.training.step import SSLTerms
 
 
 class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
@@ -107,33 +107,28 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
                                f"student 1")
 
     # ------------------------------------------------------------------ training
-    def train_step(self, batch: dict) -> dict:
-        data, target, unlabeled = self.to_device(batch)
-        targets = as_list(target)
-        out = self.pretrain_step(data, targets) if self.stage == 1 else self.self_training_step(data, targets,
-                                                                                                 unlabeled)
-        self.global_iteration += 1
-        out["sdcl_stage"] = float(self.stage)
-        return out
+    def current_unsupervised_weight(self) -> float:
+        return 0.0 if self.stage == 1 else 1.0  # the λ of SDCL's corrections are inside its loss
 
     def _forward_students(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         return as_list(self.network(images)), as_list(self.network2(images))
 
-    def pretrain_step(self, data: Tensor, targets: list[Tensor]) -> dict:
+    def ssl_terms(self, data: Tensor, target, unlabeled: Tensor) -> SSLTerms:
+        targets = as_list(target)
+        return self.pretrain_terms(data, targets) if self.stage == 1 else self.self_training_terms(data, targets,
+                                                                                                   unlabeled)
+
+    def pretrain_terms(self, data: Tensor, targets: list[Tensor]) -> SSLTerms:
         mask = bcp_mask(data.shape[2:], self.mask_ratio, device=self.device)
         mixed = labeled_copy_paste(data, targets, mask, rolled_pairs(data.shape[0], data.shape[0], self.device))
         supervision = mixed.targets if self.enable_deep_supervision else mixed.targets[0]
-        self.zero_grad()
-        with self.autocast():
-            out1, out2 = self._forward_students(mixed.images)
-            loss1 = self.loss(out1 if self.enable_deep_supervision else out1[0], supervision)
-            loss2 = self.loss(out2 if self.enable_deep_supervision else out2[0], supervision)
-            loss = loss1 + loss2
-        self.backward_and_step(loss)
+        out1, out2 = self._forward_students(mixed.images)
+        loss1 = self.loss(out1 if self.enable_deep_supervision else out1[0], supervision)
+        loss2 = self.loss(out2 if self.enable_deep_supervision else out2[0], supervision)
+        loss = loss1 + loss2
         with torch.no_grad():
             agreement = 1 - discrepancy_mask(out1[0], out2[0]).float().mean()
-        return step_log(loss, 0.0, SSLTerms(loss, torch.zeros_like(loss), agreement=agreement), self.log_prefix,
-                        self.confidence_threshold)
+        return SSLTerms(loss, torch.zeros_like(loss.detach()), agreement=agreement, loss=loss, extras={"stage": 1.0})
 
     def self_training_mix(self, data: Tensor, targets: list[Tensor], unlabeled: Tensor, pseudo_labels: Tensor
                           ) -> tuple[MixedBatch, MixedBatch]:
@@ -144,25 +139,25 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
                                            rolled_pairs(n, unlabeled.shape[0], self.device),
                                            self.labeled_region_weight, self.unlabeled_region_weight)
 
-    def self_training_step(self, data: Tensor, targets: list[Tensor], unlabeled: Tensor) -> dict:
-        with torch.no_grad(), self.autocast():
+    def self_training_terms(self, data: Tensor, targets: list[Tensor], unlabeled: Tensor) -> SSLTerms:
+        with torch.no_grad():
             teacher_logits = self.teacher(unlabeled)
         pseudo_labels, _ = teacher_pseudo_labels(teacher_logits, self.pseudo_label_largest_component)
         mixed_l, mixed_u = self.self_training_mix(data, targets, unlabeled, pseudo_labels)
         ds_weights = self.deep_supervision_weights() if self.enable_deep_supervision else (1.0,)
-        self.zero_grad()
-        with self.autocast():
-            out1, out2 = self._forward_students(torch.cat((mixed_l.images, mixed_u.images)))
-            disc = discrepancy_mask(out1[0], out2[0])
-            loss1 = sdcl_student_loss(out1, (mixed_l, mixed_u), disc, ds_weights, self.mse_weight, self.kl_weight)
-            loss2 = sdcl_student_loss(out2, (mixed_l, mixed_u), disc, ds_weights, self.mse_weight, self.kl_weight)
-            loss = loss1.total + loss2.total
-        self.backward_and_step(loss)
-        update_teacher_(self.teacher, self.network, self.ema_decay)
+        out1, out2 = self._forward_students(torch.cat((mixed_l.images, mixed_u.images)))
+        disc = discrepancy_mask(out1[0], out2[0])
+        loss1 = sdcl_student_loss(out1, (mixed_l, mixed_u), disc, ds_weights, self.mse_weight, self.kl_weight)
+        loss2 = sdcl_student_loss(out2, (mixed_l, mixed_u), disc, ds_weights, self.mse_weight, self.kl_weight)
+        loss = loss1.total + loss2.total
         with torch.no_grad():
-            terms = SSLTerms(loss1.mix + loss2.mix, loss - loss1.mix - loss2.mix, pseudo_label_logits=(teacher_logits,),
-                             agreement=1 - disc.float().mean(), extras={"loss_mse": loss1.mse, "loss_kl": loss1.kl})
-        return step_log(loss, 1.0, terms, self.log_prefix, self.confidence_threshold)
+            return SSLTerms(loss1.mix + loss2.mix, loss - loss1.mix - loss2.mix, pseudo_label_logits=(teacher_logits,),
+                            agreement=1 - disc.float().mean(), loss=loss,
+                            extras={"loss_mse": loss1.mse, "loss_kl": loss1.kl, "stage": 2.0})
+
+    def after_optimizer_step(self) -> None:
+        if self.stage == 2:  # BCP/SDCL: constant decay, no warm-up
+            update_teacher_(self.teacher, self.network, self.ema_decay)
 
     # ------------------------------------------------------------------ checkpoints
     def ssl_state_dict(self) -> dict:
