@@ -1,9 +1,10 @@
 """``nnssl_demo``: does unlabeled data help? One semi-supervised trainer against both references, explained.
 
 A thin layer over ``nnssl_benchmark --synthetic --preset cardiac2d`` (:mod:`nnssl.benchmark.cli`, run in this
-process): the converged 2D cardiac-MRI-like preset (RV, MYO, LV; 3 labeled, 40 unlabeled whose labels are withheld,
-20 test and 10 validation slices; 25 epochs x 40 iterations) is generated, planned and preprocessed, and three
-models are trained with the same plans and schedule and scored on the test slices:
+process): the 2D cardiac-MRI-like label-efficiency preset (RV, MYO, LV; 3 labeled slices from one acquisition style,
+40 unlabeled whose labels are withheld, 20 test and 10 validation slices; 30 epochs x 40 iterations, lr 0.03) is
+generated, planned and preprocessed, and three models are trained with the same plans and schedule and scored on
+the test slices:
 
 - labeled-only: ``nnUNetTrainerSupervised`` (nnU-Net) on the 3 labeled slices;
 - one SSL trainer (``--trainer``, default ``nnUNetTrainerMeanTeacher``) on the 3 labeled + 40 unlabeled slices;
