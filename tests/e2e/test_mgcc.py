@@ -37,7 +37,8 @@ from nnssl_trainers.mgcc import nnUNetTrainerMGCC
 pre = sys.argv[1]
 plans = {**load_json(pre + '/nnUNetPlans.json'), 'continue_training': False}
 trainer = nnUNetTrainerMGCC(plans, '2d', 0, load_json(pre + '/dataset.json'), device=torch.device('cpu'))
-print(json.dumps(trainer.unlabeled_identifiers()))
+from nnssl.training.unlabeled_data import unlabeled_identifiers
+print(json.dumps(unlabeled_identifiers(trainer)))
 """
 
 

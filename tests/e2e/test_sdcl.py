@@ -43,7 +43,7 @@ def _train_resume_check(ds, configuration: str, extra_env: dict[str, str] | None
     teacher, student = state["extra_networks"]["teacher"], ckpt["network_weights"]
     assert any(not np.array_equal(teacher[k].numpy(), student[k].numpy()) for k in student
                if student[k].is_floating_point()), "the teacher must be an EMA, not a copy of student 1"
-    assert "student2" in state["extra_optimizers"]
+    assert "network2" in state["extra_optimizers"]
     return fold
 
 
