@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from nnssl.tensors import unwrap
-from nnssl.tensors import unwrap as unwrap_model  # noqa: F401  (the name tests and older code import)
 
 
 def make_ema_teacher(student: nn.Module) -> nn.Module:

@@ -4,8 +4,9 @@ import pytest
 import torch
 from torch import nn
 
-from nnssl.ema import ema_alpha, make_ema_teacher, unwrap_model, update_ema_
+from nnssl.ema import ema_alpha, make_ema_teacher, update_ema_
 from nnssl.ramps import ConsistencyWeight, linear_rampup, sigmoid_rampup
+from nnssl.tensors import unwrap as unwrap_model
 
 
 def test_sigmoid_rampup_values():
