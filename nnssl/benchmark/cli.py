@@ -680,6 +680,9 @@ class DatasetRun:
     full_id: int | None = None
     label: str = ""
     calibration_schedule: tuple[int, int] = CALIBRATION_SCHEDULE  # (epochs, iterations) of the speed calibration
+    # known up front for generated data, whose raw folder only exists once a row needs computing (a rerun that
+    # reuses every row of a seed never generates it); "" = look it up in nnUNet_raw
+    dataset_name: str = ""
 
 
 def row_key_of(run: DatasetRun, trainer: str, device: str, disable_tta: bool, budget: str = ITERATIONS) -> dict:
@@ -842,7 +845,6 @@ def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disab
     timed = [t for t in trainers if not is_pseudo_label_row(t) and not is_reference(t)]
     if budget != ITERATIONS and timed:
         seconds = calibrate(run, timed, out, device)
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     for trainer in trainers:
         if budget != ITERATIONS and is_pseudo_label_row(trainer):
@@ -867,7 +869,7 @@ def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disab
             continue
         if trainer == FULL_REFERENCE and full_skip:
             print(f"nnssl_benchmark: {FULL_REFERENCE} skipped ({run.label}): {full_skip}")
-            results.append(RunResult(FULL_REFERENCE, maybe_convert_to_dataset_name(run.dataset_id), run.seed,
+            results.append(RunResult(FULL_REFERENCE, _dataset_name(run), run.seed,
                                      schedule=schedule_text(run.env), skipped=full_skip))
             continue
         print(f"[{time.time() - start:.0f} s] {run.label}: {label}")
@@ -885,6 +887,8 @@ def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disab
 def _dataset_name(run: DatasetRun) -> str:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
+    if run.dataset_name:
+        return run.dataset_name
     os.environ.update({k: run.env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
                        if k in run.env})
     return maybe_convert_to_dataset_name(run.dataset_id)
@@ -917,6 +921,13 @@ def order_rows(trainers: list[str], full_reference: bool) -> list[str]:
         at = 1 if trainers and trainers[0] == BASELINE else 0
         trainers = [*trainers[:at], FULL_REFERENCE, *trainers[at:]]
     return trainers
+
+
+def synthetic_dataset_name(preset: SyntheticPreset) -> str:
+    """The raw folder name :func:`make_synthetic` writes for ``preset``."""
+    from nnssl.synthetic import DEFAULT_NAMES
+
+    return f"Dataset{preset.dataset_id:03d}_{DEFAULT_NAMES[preset.kind]}"
 
 
 def make_synthetic(root: Path, preset: SyntheticPreset, seed: int) -> None:
@@ -1062,7 +1073,7 @@ def main(argv: list[str] | None = None) -> None:
                 run = DatasetRun(dataset_id, configuration, args.f or preset.fold, env_run, seed,
                                  preset.data_text(seed), PseudoLabelRound(dataset_id + PL_OFFSET, min_voxels),
                                  dataset_id + FULL_OFFSET, f"seed {seed} {preset.name} ({dataset_id} {configuration})",
-                                 calibration_schedule)
+                                 calibration_schedule, synthetic_dataset_name(preset))
                 if rows_to_compute(run, trainers, budgets, out, device, disable_tta):
                     make_synthetic(root, preset, seed)  # deterministic in (preset, seed): a rerun makes the same data
                 for budget in dict.fromkeys([ITERATIONS, *budgets]):

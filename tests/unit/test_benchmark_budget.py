@@ -78,7 +78,7 @@ def test_references_are_the_same_rows_under_both_budgets():
 
 def _run(env=None, seed=0):
     return cli.DatasetRun(960, "3d_fullres", "all", dict(env or SCHEDULE), seed, "synthetic 3d", full_id=964,
-                          label=f"seed {seed}", calibration_schedule=(2, 3))
+                          label=f"seed {seed}", calibration_schedule=(2, 3), dataset_name="Dataset960_X")
 
 
 SPEED = {BASELINE: 0.1, MT: 0.2, CPS: 0.35, FULL_REFERENCE: 0.1}
@@ -147,7 +147,8 @@ def test_both_budgets_scale_the_ssl_rows_reuse_everything_on_rerun(tmp_path, mon
         return _result(trainer, seed, dice, schedule=cli.schedule_text(env))
 
     monkeypatch.setattr(cli, "run_trainer", fake_run_trainer)
-    monkeypatch.setattr(cli, "_dataset_name", lambda run: "Dataset960_X")
+    # no nnUNet_raw here: the skipped rows take the run's dataset name (a rerun that reuses every row of a seed
+    # never generates its data)
     trainers = [BASELINE, FULL_REFERENCE, MT, CPS, PSEUDO_LABEL_TRAINER]
     budgets = ["iterations", "time"]
 
@@ -186,6 +187,15 @@ def test_both_budgets_scale_the_ssl_rows_reuse_everything_on_rerun(tmp_path, mon
     assert capsys.readouterr().out.count("reusing finished row") == 7
     assert [(r.trainer, r.budget, r.time_scale) for r in again] == [(r.trainer, r.budget, r.time_scale)
                                                                      for r in results]
+
+
+def test_synthetic_dataset_name_is_the_generated_folder(tmp_path):
+    from nnssl.benchmark.presets import SMOKE_PRESET
+    from nnssl.synthetic import make_synthetic_dataset
+
+    raw = make_synthetic_dataset(tmp_path, SMOKE_PRESET.dataset_id, SMOKE_PRESET.kind, n_labeled=1, n_unlabeled=0,
+                                 n_test=0, voxel_scale=SMOKE_PRESET.voxel_scale)
+    assert raw.name == cli.synthetic_dataset_name(SMOKE_PRESET)
 
 
 def test_equal_iteration_tables_unchanged_without_the_time_budget():
