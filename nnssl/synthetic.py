@@ -8,6 +8,8 @@ Two kinds, both small enough that ~30 cases are written in seconds:
   blob with an irregular border and posterior shadowing or enhancement; ~10% of cases are normal (empty mask).
 - ``"cardiac"``: cardiac-MRI-like short-axis slices (grayscale PNG, 64x64, ACDC labels 1 RV, 2 MYO, 3 LV) from
   three scanner-like acquisition styles (:mod:`nnssl.synthetic_cardiac`).
+- ``"cardiac3d"``: the same as short-axis stacks (NIfTI, 10x48x48 voxels of ~8x1.6x1.6 mm, ACDC labels;
+  :mod:`nnssl.synthetic_cardiac3d`).
 
 ``n_val`` cases (any kind) go to imagesVal/labelsVal and are listed under ``val`` in ssl_split.json: a validation set
 apart from the test set, for learning curves (fold 0 validates on it; see the README's Folds section).
@@ -31,20 +33,24 @@ import SimpleITK as sitk
 from PIL import Image
 from scipy import ndimage
 
-from nnssl import synthetic_cardiac
+from nnssl import synthetic_cardiac, synthetic_cardiac3d
 from nnssl.io import atomic_output_dir, atomic_write_json
 from nnssl.split import SSLSplit, choose_labeled, save_split, validate_split_against_raw
 
-KINDS = ("3d", "2d", "cardiac")
-DEFAULT_NAMES = {"3d": "Synthetic3D", "2d": "Synthetic2D", "cardiac": "SyntheticCardiac"}
-FILE_ENDINGS = {"3d": ".nii.gz", "2d": ".png", "cardiac": ".png"}
+KINDS = ("3d", "2d", "cardiac", "cardiac3d")
+DEFAULT_NAMES = {"3d": "Synthetic3D", "2d": "Synthetic2D", "cardiac": "SyntheticCardiac",
+                 "cardiac3d": "SyntheticCardiac3D"}
+FILE_ENDINGS = {"3d": ".nii.gz", "2d": ".png", "cardiac": ".png", "cardiac3d": ".nii.gz"}
+SCANNER_KINDS = ("cardiac", "cardiac3d")  # kinds drawn from scanner-like acquisition styles
 NATURAL_IMAGE_KINDS = ("2d", "cardiac")
 LABELS = {
     "3d": {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "adrenal": 4},
     "2d": {"background": 0, "lesion": 1},
     "cardiac": dict(synthetic_cardiac.LABELS),
+    "cardiac3d": dict(synthetic_cardiac.LABELS),
 }
-CHANNEL_NAMES = {"3d": {"0": "CT"}, "2d": {"0": "ultrasound"}, "cardiac": {"0": "cineMRI"}}
+CHANNEL_NAMES = {"3d": {"0": "CT"}, "2d": {"0": "ultrasound"}, "cardiac": {"0": "cineMRI"},
+                 "cardiac3d": {"0": "cineMRI"}}
 CASE_PREFIX = "syn_"
 SHAPE_3D = (32, 48, 48)  # z, y, x
 SPACING_3D = (3.0, 1.5, 1.5)  # mm, z, y, x
@@ -322,13 +328,13 @@ def make_synthetic_dataset(
     labelsUnlabeled, test cases to imagesTs/labelsTs. ``imbalanced`` (3D) makes the adrenal a few dozen voxels
     against thousands of liver voxels; (2D) it makes lesions smaller. ``voxel_scale`` (3D) samples the same
     anatomy with voxels that many times larger (1.5: 21x32x32 voxels of 4.5x2.25x2.25 mm, about 3.4x fewer voxels,
-    for CPU benchmarks). ``labeled_scanner`` (cardiac) draws every labeled case from that acquisition style
+    for CPU benchmarks). ``labeled_scanner`` (cardiac, cardiac3d) draws every labeled case from that acquisition style
     (unlabeled, validation and test cases from all of them). The folder appears only when complete.
     """
     if voxel_scale <= 0 or (kind != "3d" and voxel_scale != 1.0):
         raise ValueError(f"voxel_scale must be > 0 and is for kind '3d' only (got {voxel_scale} for '{kind}')")
-    if labeled_scanner is not None and kind != "cardiac":
-        raise ValueError(f"labeled_scanner is for kind 'cardiac' only (got it for '{kind}')")
+    if labeled_scanner is not None and kind not in SCANNER_KINDS:
+        raise ValueError(f"labeled_scanner is for kinds {', '.join(SCANNER_KINDS)} only (got it for '{kind}')")
     name = name or DEFAULT_NAMES.get(kind, "")
     _check_arguments(dataset_id, kind, n_labeled, n_unlabeled, n_test, name)
     raw_root = Path(raw_root)
@@ -359,6 +365,11 @@ def make_synthetic_dataset(
                 image, label, spacing = _make_case_3d(rng, imbalanced, voxel_scale)
                 _write_nifti(image, spacing, out / img_dir / f"{case}_0000{ending}")
                 _write_nifti(label, spacing, out / lab_dir / f"{case}{ending}")
+            elif kind == "cardiac3d":
+                forced = labeled_scanner if case in labeled else None
+                image, label, scanners[case], spacing = synthetic_cardiac3d.make_case(rng, scanner=forced)
+                _write_nifti(image, spacing, out / img_dir / f"{case}_0000{ending}")
+                _write_nifti(label, spacing, out / lab_dir / f"{case}{ending}")
             else:
                 if kind == "cardiac":
                     forced = labeled_scanner if case in labeled else None
@@ -384,7 +395,7 @@ def make_synthetic_dataset(
         extra = {"generator": "nnssl.synthetic", "kind": kind, "imbalanced": imbalanced, "voxel_scale": voxel_scale}
         if kind == "2d":
             extra["normal_cases"] = sorted(normal)
-        if kind == "cardiac":
+        if kind in SCANNER_KINDS:
             extra["scanner_of_case"] = dict(sorted(scanners.items()))
             extra["labeled_scanner"] = labeled_scanner
         if val:
@@ -405,7 +416,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("-d", "--dataset_id", type=int, required=True, help="nnU-Net dataset id (1..999)")
     p.add_argument("--kind", choices=KINDS, default="3d",
-                   help="3d: CT-like NIfTI organs; 2d: ultrasound-like PNG; cardiac: cine-MRI-like PNG (RV/MYO/LV)")
+                   help="3d: CT-like NIfTI organs; 2d: ultrasound-like PNG; cardiac: cine-MRI-like PNG (RV/MYO/LV); "
+                        "cardiac3d: cine-MRI-like short-axis stacks (NIfTI, RV/MYO/LV)")
     p.add_argument("--labeled", type=int, default=6, help="number of labeled cases (default 6)")
     p.add_argument("--unlabeled", type=int, default=12, help="number of unlabeled cases (default 12)")
     p.add_argument("--test", type=int, default=4, help="number of test cases (default 4)")
@@ -415,7 +427,8 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--voxel-scale", type=float, default=1.0,
                    help="3d: voxels this many times the default 3x1.5x1.5 mm, same field of view (default 1)")
     p.add_argument("--labeled-scanner", type=int, default=None,
-                   help="cardiac: draw every labeled case from this acquisition style (0..2; default: any)")
+                   help="cardiac, cardiac3d: draw every labeled case from this acquisition style (0..2; default: "
+                        "any)")
     p.add_argument("--name", default=None, help="dataset name (default Synthetic3D / Synthetic2D)")
     p.add_argument("--raw", default=None, help="raw data root (default: $nnUNet_raw)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")

@@ -277,3 +277,45 @@ def test_labeled_cases_from_one_site_keep_anatomy_and_roles(tmp_path):
         make_synthetic_dataset(tmp_path / "c", 514, kind="2d", labeled_scanner=0, **SMALL)
     with pytest.raises(ValueError, match="scanner"):
         make_synthetic_dataset(tmp_path / "d", 515, kind="cardiac", labeled_scanner=7, **SMALL)
+
+
+def test_cardiac3d_kind_coherent_stacks_one_site_labels(tmp_path):
+    import SimpleITK as sitk
+
+    from nnssl.synthetic_cardiac3d import N_SLICES
+
+    ds = make_synthetic_dataset(tmp_path, 516, kind="cardiac3d", n_labeled=2, n_unlabeled=4, n_test=2, n_val=1,
+                                seed=3, labeled_scanner=0)
+    split = load_and_validate(ds)
+    dataset_json = json.loads((ds / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
+    assert dataset_json["file_ending"] == ".nii.gz" and "overwrite_image_reader_writer" not in dataset_json
+    assert {split.extra["scanner_of_case"][c] for c in split.labeled} == {0}
+    for case in split.test:
+        seg_img = sitk.ReadImage(str(ds / "labelsTs" / f"{case}.nii.gz"))
+        seg = sitk.GetArrayFromImage(seg_img)
+        image = sitk.GetArrayFromImage(sitk.ReadImage(str(ds / "imagesTs" / f"{case}_0000.nii.gz")))
+        assert seg.shape == image.shape and seg.shape[0] == N_SLICES
+        assert seg_img.GetSpacing()[2] > 4 * seg_img.GetSpacing()[0]  # thick short-axis slices
+        per_slice = [[(seg[k] == c).sum() for c in range(4)] for k in range(N_SLICES)]
+        lv_slices = [k for k in range(N_SLICES) if per_slice[k][3]]
+        rv_slices = [k for k in range(N_SLICES) if per_slice[k][1]]
+        # a contiguous ventricle from the base down, whose cavity narrows towards the apex, where the RV has ended
+        assert lv_slices == list(range(lv_slices[0], lv_slices[-1] + 1)) and len(lv_slices) >= N_SLICES // 2
+        assert per_slice[lv_slices[0]][3] > per_slice[lv_slices[-1]][3]
+        assert rv_slices and rv_slices[-1] < lv_slices[-1]
+        assert per_slice[0][1:] == [0, 0, 0] or per_slice[-1][1:] == [0, 0, 0]  # slices beyond the heart
+        assert image[seg == 3].mean() > image[seg == 2].mean()  # bright blood, darker myocardium
+
+
+def test_cardiac3d_forced_scanner_keeps_the_anatomy():
+    import numpy as np
+
+    from nnssl.synthetic_cardiac3d import make_case
+
+    image_a, label_a, _, spacing_a = make_case(np.random.default_rng([7, 1]), scanner=0)
+    image_b, label_b, scanner_b, spacing_b = make_case(np.random.default_rng([7, 1]), scanner=1)
+    assert scanner_b == 1 and np.array_equal(label_a, label_b) and spacing_a == spacing_b
+    assert not np.array_equal(image_a, image_b)
+    with pytest.raises(ValueError, match="scanner"):
+        make_case(np.random.default_rng(0), scanner=3)
