@@ -20,7 +20,6 @@ lists).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -39,8 +38,7 @@ from .common import (
     PaperSplit,
     SitkFile,
     SplitOptions,
-    check_output_dir,
-    convert_dataset,
+    convert_download,
     first_n_labeled,
     read_published_list,
     walk_raw_tree,
@@ -158,13 +156,7 @@ def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
 def convert_acdc(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
                  options: ConversionOptions | None = None) -> SSLSplit:
     """Convert an ACDC download into ``output_dir``; labeled counts are patients. Returns the written split."""
-    options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite, raw_dir)
-    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options, raw_dir)
-
-
-def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
-    return convert_acdc(args.raw_dir, output_dir, options)
+    return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
 COMMAND = DatasetCommand(
@@ -172,6 +164,6 @@ COMMAND = DatasetCommand(
     default_dataset_name="ACDC",
     summary="ACDC cardiac cine-MRI: ED/ES frames, patient-level splits (SSL4MIS 70/10/20 with --split paper)",
     description=__doc__,
-    convert=_convert_from_args,
+    convert=convert_acdc,
     papers=tuple(PAPERS),
 )

@@ -40,8 +40,7 @@ from .common import (
     PaperSplit,
     SitkFile,
     SplitOptions,
-    check_output_dir,
-    convert_dataset,
+    convert_download,
     first_n_labeled,
     match_files,
     pair_files,
@@ -163,8 +162,7 @@ def convert_amos(raw_dir: str | os.PathLike, output_dir: str | os.PathLike, opti
     if modality is None:
         dhc = options.split.split == "paper" and (options.split.paper or "dhc") == "dhc"
         modality = "all" if dhc else "ct"
-    check_output_dir(output_dir, options.overwrite, raw_dir)
-    return convert_dataset(build_catalogue(raw_dir, modality), rules(modality), output_dir, options, raw_dir)
+    return convert_download(raw_dir, output_dir, options, rules(modality), lambda: build_catalogue(raw_dir, modality))
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,16 +170,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which scans to convert (default: ct; all with --split paper --paper dhc)")
 
 
-def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
-    return convert_amos(args.raw_dir, output_dir, options, modality=args.modality)
-
-
 COMMAND = DatasetCommand(
     name="amos",
     default_dataset_name="AMOS22",
     summary="AMOS22 abdominal CT/MRI, 15 organs: imagesTr pool, imagesVa test, unlabeled CT release",
     description=__doc__,
-    convert=_convert_from_args,
+    convert=convert_amos,
     papers=PAPERS,
     add_arguments=_add_arguments,
+    keyword_arguments=("modality",),
 )

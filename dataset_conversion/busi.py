@@ -44,8 +44,7 @@ from .common import (
     PngGray,
     PngMaskUnion,
     SplitOptions,
-    check_output_dir,
-    convert_dataset,
+    convert_download,
     first_n_labeled,
     pair_files,
     read_published_list,
@@ -147,9 +146,7 @@ def build_catalogue(raw_dir: str | os.PathLike, exclude_normal: bool = False) ->
 def convert_busi(raw_dir: str | os.PathLike, output_dir: str | os.PathLike, options: ConversionOptions | None = None,
                  exclude_normal: bool = False) -> SSLSplit:
     """Convert a BUSI download (Kaggle or CMU-Net/MGCC layout) into ``output_dir`` as 2D PNGs."""
-    options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite, raw_dir)
-    return convert_dataset(build_catalogue(raw_dir, exclude_normal), RULES, output_dir, options, raw_dir)
+    return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir, exclude_normal))
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -157,16 +154,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop the normal (lesion-free) images, as CMU-Net does (647 images remain)")
 
 
-def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
-    return convert_busi(args.raw_dir, output_dir, options, exclude_normal=args.exclude_normal)
-
-
 COMMAND = DatasetCommand(
     name="busi",
     default_dataset_name="BUSI",
     summary="BUSI breast ultrasound (2D PNG): Kaggle or CMU-Net/MGCC layout, multiple masks merged",
     description=__doc__,
-    convert=_convert_from_args,
+    convert=convert_busi,
     papers=tuple(f"mgcc{f}" for f in FOLDS),
     add_arguments=_add_arguments,
+    keyword_arguments=("exclude_normal",),
 )

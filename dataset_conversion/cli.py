@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         output_dir = resolve_output_dir(args.dataset_id, args.name, args.output)
         # before the raw data is even listed: never write into (or --overwrite) the raw input
         check_output_dir(output_dir, options.overwrite, args.raw_dir)
-        split = DATASETS[args.dataset].convert(args, output_dir, options)
+        split = DATASETS[args.dataset].run(args, output_dir, options)
     except (ConversionError, SplitError) as e:
         print(f"{PROG} {args.dataset}: error: {e}", file=sys.stderr)
         return 1

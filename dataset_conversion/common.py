@@ -885,6 +885,15 @@ def convert_dataset(catalogue: Catalogue, rules: DatasetRules, output_dir: str |
     return split
 
 
+def convert_download(raw_dir: str | os.PathLike, output_dir: str | os.PathLike, options: ConversionOptions | None,
+                     rules: DatasetRules, build_catalogue: Callable[[], Catalogue]) -> SSLSplit:
+    """The body of every ``convert_<dataset>``: check the output folder before the download is even listed (a
+    wrong ``-o`` fails in a second, not after minutes of reading), list it with ``build_catalogue``, convert."""
+    options = options or ConversionOptions()
+    check_output_dir(output_dir, options.overwrite, raw_dir)
+    return convert_dataset(build_catalogue(), rules, output_dir, options, raw_dir)
+
+
 # ----------------------------------------------------------------------------------------------- CLI glue
 
 
@@ -896,7 +905,12 @@ class DatasetCommand:
     name: str
     default_dataset_name: str
     summary: str
-    convert: Callable[..., SSLSplit]
+    convert: Callable[..., SSLSplit]  # convert_<dataset>(raw_dir, output_dir, options, **keyword_arguments)
     papers: tuple[str, ...] = ()
     add_arguments: Callable[..., None] | None = None
+    keyword_arguments: tuple[str, ...] = ()  # the dests of add_arguments' options, passed on to convert
     description: str = ""
+
+    def run(self, args, output_dir: Path, options: ConversionOptions) -> SSLSplit:
+        """Convert ``args.raw_dir`` as the parsed command line asks."""
+        return self.convert(args.raw_dir, output_dir, options, **{k: getattr(args, k) for k in self.keyword_arguments})

@@ -21,7 +21,6 @@ lists use renamed ids (``train_000`` ...) whose mapping to the official names is
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 
@@ -39,8 +38,7 @@ from .common import (
     PaperSplit,
     SitkFile,
     SplitOptions,
-    check_output_dir,
-    convert_dataset,
+    convert_download,
     match_files,
     pair_files,
     walk_raw_tree,
@@ -105,13 +103,7 @@ def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
 def convert_flare22(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
                     options: ConversionOptions | None = None) -> SSLSplit:
     """Convert a FLARE22 download (any variant in docs/datasets.md) into ``output_dir``; returns the written split."""
-    options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite, raw_dir)
-    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options, raw_dir)
-
-
-def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
-    return convert_flare22(args.raw_dir, output_dir, options)
+    return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
 COMMAND = DatasetCommand(
@@ -119,5 +111,5 @@ COMMAND = DatasetCommand(
     default_dataset_name="FLARE22",
     summary="FLARE22 abdominal CT: 50 labeled + 2000 unlabeled, Tuning/Validation as test set",
     description=__doc__,
-    convert=_convert_from_args,
+    convert=convert_flare22,
 )

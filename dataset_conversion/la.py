@@ -39,8 +39,7 @@ from .common import (
     PaperSplit,
     SitkFile,
     SplitOptions,
-    check_output_dir,
-    convert_dataset,
+    convert_download,
     first_n_labeled,
     read_published_list,
     walk_raw_tree,
@@ -155,9 +154,7 @@ def build_catalogue(raw_dir: str | os.PathLike, source: str = "auto") -> Catalog
 def convert_la(raw_dir: str | os.PathLike, output_dir: str | os.PathLike, options: ConversionOptions | None = None,
                source: str = "auto") -> SSLSplit:
     """Convert an LA download (``source``: "nrrd", "h5" or "auto" = whichever is present) into ``output_dir``."""
-    options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite, raw_dir)
-    return convert_dataset(build_catalogue(raw_dir, source), RULES, output_dir, options, raw_dir)
+    return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir, source))
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -166,16 +163,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is present)")
 
 
-def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
-    return convert_la(args.raw_dir, output_dir, options, source=args.source)
-
-
 COMMAND = DatasetCommand(
     name="la",
     default_dataset_name="LA",
     summary="LA 2018 atrial segmentation LGE-MRI: nrrd (label 255 -> 1) or preprocessed mri_norm2.h5",
     description=__doc__,
-    convert=_convert_from_args,
+    convert=convert_la,
     papers=tuple(PAPERS),
     add_arguments=_add_arguments,
+    keyword_arguments=("source",),
 )

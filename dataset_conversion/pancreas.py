@@ -17,7 +17,6 @@ Random mode holds out 22.5 % as test set (18 of 80, as SDCL). ``--split paper``:
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from dataclasses import dataclass
@@ -39,8 +38,7 @@ from .common import (
     PaperSplit,
     SitkFile,
     SplitOptions,
-    check_output_dir,
-    convert_dataset,
+    convert_download,
     first_n_labeled,
     match_files,
     pair_files,
@@ -173,13 +171,7 @@ def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
 def convert_pancreas(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
                      options: ConversionOptions | None = None) -> SSLSplit:
     """Convert an NIH Pancreas-CT download (DICOM or NIfTI images + TCIA NIfTI labels) into ``output_dir``."""
-    options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite, raw_dir)
-    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options, raw_dir)
-
-
-def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
-    return convert_pancreas(args.raw_dir, output_dir, options)
+    return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
 COMMAND = DatasetCommand(
@@ -187,6 +179,6 @@ COMMAND = DatasetCommand(
     default_dataset_name="PancreasCT",
     summary="NIH Pancreas-CT (TCIA DICOM or NIfTI + TCIA labels) as used by CoraNet/BCP/SDCL",
     description=__doc__,
-    convert=_convert_from_args,
+    convert=convert_pancreas,
     papers=tuple(PAPERS),
 )

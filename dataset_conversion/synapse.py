@@ -16,7 +16,6 @@ published lists consistent with DHC's current test set: 20 train, 4 labeled = 20
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 from pathlib import Path
@@ -35,8 +34,7 @@ from .common import (
     PaperSplit,
     SitkFile,
     SplitOptions,
-    check_output_dir,
-    convert_dataset,
+    convert_download,
     match_files,
     pair_files,
     read_published_list,
@@ -113,13 +111,7 @@ def build_catalogue(raw_dir: str | os.PathLike) -> Catalogue:
 def convert_synapse(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
                     options: ConversionOptions | None = None) -> SSLSplit:
     """Convert a BTCV RawData download (or DHC's imagesTr/labelsTr copy) into ``output_dir``."""
-    options = options or ConversionOptions()
-    check_output_dir(output_dir, options.overwrite, raw_dir)
-    return convert_dataset(build_catalogue(raw_dir), RULES, output_dir, options, raw_dir)
-
-
-def _convert_from_args(args: argparse.Namespace, output_dir: Path, options: ConversionOptions) -> SSLSplit:
-    return convert_synapse(args.raw_dir, output_dir, options)
+    return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
 COMMAND = DatasetCommand(
@@ -127,6 +119,6 @@ COMMAND = DatasetCommand(
     default_dataset_name="Synapse",
     summary="Synapse/BTCV abdominal CT, 13 organs (DHC): RawData/Training or imagesTr/labelsTr",
     description=__doc__,
-    convert=_convert_from_args,
+    convert=convert_synapse,
     papers=tuple(PAPERS),
 )
