@@ -18,12 +18,12 @@ from nnssl.losses.guidednet import (
     guidance_terms,
     kt_cps_class_weights,
     kt_cps_loss,
-    labeled_class_counts,
     voxel_subset,
 )
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.class_statistics import labeled_class_counts
 from nnssl.training.step import SSLTerms
 
 

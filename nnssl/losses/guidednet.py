@@ -138,26 +138,6 @@ def assemble_guidednet_loss(supervised: Sequence[Tensor], guidance: Sequence[Ten
     return total
 
 
-def labeled_class_counts(dataset_class, folder: str, identifiers: Sequence[str], num_classes: int) -> Tensor:
-    """Voxel histogram (K,) of the preprocessed ground truth of ``identifiers`` read with nnU-Net's dataset class.
-
-    Only ids in ``[0, K)`` count: nnU-Net's ``-1`` (outside the nonzero mask) and the ignore label are skipped.
-    This is the KT-CPS initial histogram taken from the labeled TRAINING cases of the fold, where the official code
-    reads ``train.txt[:42]``, which for AMOS-10% includes the labels of "unlabeled" cases (a leak;
-    docs/methods/guidednet.md).
-    """
-    identifiers = list(identifiers)
-    if not identifiers:
-        raise ValueError(f"labeled_class_counts: no labeled training cases given for {folder}")
-    dataset = dataset_class(folder, list(identifiers))
-    counts = np.zeros(num_classes, dtype=np.int64)
-    for key in identifiers:
-        seg = np.asarray(dataset.load_case(key)[1][:])
-        values = seg[(seg >= 0) & (seg < num_classes)].astype(np.int64)
-        counts += np.bincount(values, minlength=num_classes)[:num_classes]
-    return torch.from_numpy(counts)
-
-
 def gmm_rectified_pseudo_labels(logits_u: Tensor, features_u: Tensor, gmm: DiagonalGaussianMixture,
                                 strength: float, rule: str = "product") -> tuple[Tensor, Tensor]:
     """Unlabeled pseudo-labels rectified by the fitted class-conditional GMM (FittedGMM variant).

@@ -52,7 +52,7 @@ def test_dhc_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     a, b = ckpt["network_weights"], state["extra_networks"]["network2"]
     assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
 
-    saved, restored = state["dhc"], trainer.ssl_state_dict()["dhc"]
+    saved, restored = state["extra_state"]["dhc"], trainer.ssl_state_dict()["extra_state"]["dhc"]
     for key, value in saved["diffdw"].items():
         assert torch.equal(restored["diffdw"][key], value), key
     assert torch.equal(restored["distdw"]["weights"], saved["distdw"]["weights"])

@@ -62,9 +62,9 @@ def test_two_kaiming_networks_with_different_draws(trainer):
 
 
 def test_distdw_initialised_from_labeled_training_cases_of_the_fold_only(trainer):
-    weights = trainer.distribution_weighting.weights
+    weights = trainer.class_weights.distribution.weights
     # case_c (validation, mostly 'tiny') is not counted; each case has 8 x 16 = 128 voxels
-    assert trainer.labeled_class_counts.tolist() == [2 * 128 - 70 - 6, 40 + 30, 4 + 2]
+    assert trainer.class_weights.labeled_class_counts.tolist() == [2 * 128 - 70 - 6, 40 + 30, 4 + 2]
     assert torch.allclose(weights, distribution_aware_weights(torch.tensor([180.0, 70.0, 6.0])))
     assert weights[0] == 0 and weights[2] == pytest.approx(K) and 0 < weights[1] < weights[2]
 
@@ -73,8 +73,8 @@ def test_negative_labels_count_as_background(tmp_path, monkeypatch):
     seg = _seg_with_counts({0: 100, 1: 20, 2: 8})
     seg[seg == 0] = -1  # nnU-Net marks voxels outside the nonzero mask with -1
     trainer = _make_trainer(tmp_path, monkeypatch, {"case_a": seg})
-    _ = trainer.distribution_weighting
-    assert trainer.labeled_class_counts.tolist() == [100, 20, 8]
+    _ = trainer.class_weights.distribution
+    assert trainer.class_weights.labeled_class_counts.tolist() == [100, 20, 8]
 
 
 def test_distdw_update_path_gives_rarer_pseudo_label_classes_larger_weights(trainer):
@@ -86,10 +86,10 @@ def test_distdw_update_path_gives_rarer_pseudo_label_classes_larger_weights(trai
     logits_b = _one_hot_logits(pseudo)
     labels = torch.randint(0, K, (2, 1, PATCH, PATCH), generator=torch.Generator().manual_seed(0))
     logits_a = _one_hot_logits(labels[:, 0])
-    before = trainer.distribution_weighting.weights.clone()
+    before = trainer.class_weights.distribution.weights.clone()
     assert before[2] > before[1]
     for _ in range(600):  # momentum 0.99: the labeled initialisation fades out
-        _, weights_b = trainer.update_class_weights(logits_a, labels, logits_b)
+        _, weights_b = trainer.class_weights.update(logits_a, labels, logits_b)
     current = distribution_aware_weights(torch.tensor([512.0 - 136, 8.0, 128.0]))
     assert torch.allclose(weights_b, 0.99 ** 600 * before + (1 - 0.99 ** 600) * current, atol=1e-4)
     assert weights_b[1] > weights_b[2] > weights_b[0]
@@ -108,7 +108,7 @@ def test_diffdw_class_with_stagnating_dice_gains_weight(trainer):
         missed_2 = 10 if step % 2 else 14  # Dice 0.95 / 0.92
         prediction[0, :5].view(-1)[:missed_1] = 0
         prediction[0, 5:10].view(-1)[:missed_2] = 0
-        weights_a, _ = trainer.update_class_weights(_one_hot_logits(prediction), target[:, None],
+        weights_a, _ = trainer.class_weights.update(_one_hot_logits(prediction), target[:, None],
                                                     _one_hot_logits(target))
         ratios.append(float(weights_a[2] / weights_a[1]))
     assert weights_a.max() == pytest.approx(K) and weights_a.min() >= 0
@@ -116,16 +116,16 @@ def test_diffdw_class_with_stagnating_dice_gains_weight(trainer):
     # turns into 'unlearning' and class 2 takes the maximum weight K although its Dice stays higher
     assert ratios[0] < 1 and ratios[1] < 1
     assert min(ratios[10:]) > 2 and weights_a[2] == pytest.approx(K)
-    state = trainer.difficulty_weighting.state_dict()
+    state = trainer.class_weights.difficulty.state_dict()
     assert state["cls_unlearn"][2] > 10 * state["cls_unlearn"][1]
 
 
 def test_uniform_frequencies_give_finite_weights_through_the_trainer(tmp_path, monkeypatch):
     seg = (np.arange(6 * PATCH) % K).astype(np.int8).reshape(1, 1, 6, PATCH)  # exactly 32 voxels per class
     trainer = _make_trainer(tmp_path, monkeypatch, {"case_a": seg})
-    assert torch.equal(trainer.distribution_weighting.weights, torch.full((K,), float(K)))
+    assert torch.equal(trainer.class_weights.distribution.weights, torch.full((K,), float(K)))
     uniform = (torch.arange(2 * 15 * PATCH) % K).reshape(2, 15, PATCH)
-    weights_a, weights_b = trainer.update_class_weights(_one_hot_logits(uniform), uniform[:, None],
+    weights_a, weights_b = trainer.class_weights.update(_one_hot_logits(uniform), uniform[:, None],
                                                         _one_hot_logits(uniform))
     assert torch.equal(weights_b, torch.full((K,), float(K)))
     assert torch.isfinite(weights_a).all()
@@ -141,15 +141,15 @@ def _force_background(network: torch.nn.Module) -> None:
 
 
 def test_all_background_pseudo_labels_give_finite_cps_loss_and_gradients(trainer):
-    _ = trainer.distribution_weighting
-    assert trainer.distribution_weighting.weights[0] == 0  # background is the most frequent labeled class
+    _ = trainer.class_weights.distribution
+    assert trainer.class_weights.distribution.weights[0] == 0  # background is the most frequent labeled class
     _force_background(trainer.network)
     _force_background(trainer.network2)
     batch = _batch(torch.Generator().manual_seed(1))
     output = trainer.train_step(batch)
     # every pseudo-label is background and DistDW still gives background weight 0: CE_{w_B}(z^B, y^A) has
     # sum(w) = 0, which is 0/0 = NaN without the guard
-    assert trainer.distribution_weighting.weights[0] == 0
+    assert trainer.class_weights.distribution.weights[0] == 0
     assert output["agreement"] == 1.0
     assert math.isfinite(output["loss_unsupervised"]) and output["loss_unsupervised"] >= 0
     assert math.isfinite(float(output["loss"]))
@@ -214,22 +214,30 @@ def test_train_step_logs_and_class_statistics_survive_a_checkpoint(trainer, tmp_
     assert 0.0 <= outputs[0]["fraction_above_threshold"] <= 1.0
     assert 1.0 / K <= outputs[0]["pseudo_label_confidence"] <= 1.0  # a max softmax over K classes
     trainer.on_train_epoch_end(outputs)
-    assert len(trainer.class_weight_log[DISTDW_LOG]) == 1 and len(trainer.class_weight_log[DISTDW_LOG][0]) == K
+    distdw_log = trainer.class_weights.log.log[DISTDW_LOG]
+    assert len(distdw_log) == 1 and len(distdw_log[0]) == K
 
     state = trainer.ssl_state_dict()
     fresh = nnUNetTrainerDHC(_plans(), "2d", 0, DATASET_JSON, torch.device("cpu"))
     fresh.initialize()
     fresh.load_ssl_state_dict(state)
-    restored = fresh.ssl_state_dict()["dhc"]
-    for key, value in state["dhc"]["diffdw"].items():
+    saved, restored = state["extra_state"]["dhc"], fresh.ssl_state_dict()["extra_state"]["dhc"]
+    for key, value in saved["diffdw"].items():
         assert torch.equal(restored["diffdw"][key], value), key
-    assert torch.equal(restored["distdw"]["weights"], state["dhc"]["distdw"]["weights"])
-    assert torch.equal(restored["labeled_class_counts"], trainer.labeled_class_counts)
-    assert fresh.class_weight_log == trainer.class_weight_log
+    assert torch.equal(restored["distdw"]["weights"], saved["distdw"]["weights"])
+    assert torch.equal(restored["labeled_class_counts"], trainer.class_weights.labeled_class_counts)
+    assert fresh.class_weights.log.log == trainer.class_weights.log.log
     for key, value in trainer.network2.state_dict().items():
         assert torch.equal(fresh.network2.state_dict()[key], value), key
-    with pytest.raises(RuntimeError, match="DHC class statistics"):
-        fresh.load_ssl_state_dict({k: v for k, v in state.items() if k != "dhc"})
+    # a checkpoint of an earlier nnssl kept the statistics beside extra_state: it loads the same
+    legacy = {**state, "dhc": saved, "extra_state": {}}
+    older = nnUNetTrainerDHC(_plans(), "2d", 0, DATASET_JSON, torch.device("cpu"))
+    older.initialize()
+    older.load_ssl_state_dict(legacy)
+    assert torch.equal(older.class_weights.distribution.weights, saved["distdw"]["weights"])
+    assert older.class_weights.log.log == trainer.class_weights.log.log
+    with pytest.raises(RuntimeError, match=r"no state for \['dhc'\]"):
+        fresh.load_ssl_state_dict({**state, "extra_state": {}})
 
 
 def test_class_weight_log_resume_json_and_figure(tmp_path):

@@ -25,11 +25,11 @@ from nnssl.losses.guidednet import (
     guidance_terms,
     kt_cps_class_weights,
     kt_cps_loss,
-    labeled_class_counts,
     voxel_subset,
 )
 from nnssl.network_pair import xavier_normal_init_
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
+from nnssl.training.class_statistics import labeled_class_counts
 from nnssl_trainers.guidednet import nnUNetTrainerGuidedNet, nnUNetTrainerGuidedNet_FittedGMM
 
 
