@@ -1,25 +1,18 @@
 import os
 
 import torch
-from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
-from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
-from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
-from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.crossval_split import generate_crossval_split
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnssl.io import atomic_write_json
 from nnssl.pseudolabel.dataset import is_pseudo_id
 from nnssl.pseudolabel.heads import restore_segmentation_heads, source_checkpoints
-from nnssl.pseudolabel.weighting import pseudo_label_mask, pseudo_sampling_probabilities, pseudo_weighted_loss
+from nnssl.pseudolabel.training_data import pseudo_label_dataloaders, write_split_of_real_cases
+from nnssl.pseudolabel.weighting import pseudo_label_mask, pseudo_weighted_loss
 from nnssl.split import SPLIT_FILE_NAME
 from nnssl.tensors import unwrap
 from nnssl.training.environment import ScheduleFromEnvironment
-from nnssl.training.folds import MIN_CASES_FOR_CROSS_VALIDATION
 
 
 class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
@@ -94,7 +87,7 @@ class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
     # ------------------------------------------------------------------ split and data
     def do_split(self):
         if self.fold != "all":
-            self._create_split_of_real_cases()
+            write_split_of_real_cases(self)
         tr_keys, val_keys = super().do_split()
         moved = [k for k in val_keys if is_pseudo_id(k)]
         val_keys = [k for k in val_keys if not is_pseudo_id(k)]
@@ -110,74 +103,8 @@ class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
             self.print_to_log_file("note: no pl_* case in this dataset; this is a plain fine-tuning")
         return tr_keys, val_keys
 
-    def _create_split_of_real_cases(self) -> None:
-        splits_file = os.path.join(self.preprocessed_dataset_folder_base, "splits_final.json")
-        if os.path.isfile(splits_file):
-            return
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        keys = sorted(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder))
-        real = [k for k in keys if not is_pseudo_id(k)]
-        pseudo = [k for k in keys if is_pseudo_id(k)]
-        if len(real) < MIN_CASES_FOR_CROSS_VALIDATION:  # scikit-learn's KFold would fail with a traceback
-            raise SystemExit(
-                f"fold {self.fold}: {self.plans_manager.dataset_name} has only {len(real)} real labeled case(s) and "
-                f"the 5-fold split of the real cases needs at least {MIN_CASES_FOR_CROSS_VALIDATION}. Fine-tune fold "
-                f"'all', or write your own folds to {splits_file} ([{{\"train\": [...], \"val\": [...]}}, ...])")
-        splits = generate_crossval_split(real, seed=12345, n_splits=5)
-        for split in splits:
-            split["train"] = list(split["train"]) + pseudo
-        self.print_to_log_file(f"Creating 5-fold split of the {len(real)} real labeled cases, with the "
-                               f"{len(pseudo)} pseudo-labeled cases in every training fold")
-        atomic_write_json(splits_file, splits)
-
     def get_dataloaders(self):
-        # nnU-Net builds both loaders inside this one method with uniform sampling and its augmentation fixed; this
-        # is the same construction with the sampling probabilities and the augmentation made settable
-        if self.dataset_class is None:
-            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
-        patch_size = self.configuration_manager.patch_size
-        scales = self._get_deep_supervision_scales()
-        rotation, dummy_2d, initial_patch_size, mirror_axes = \
-            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        labels = dict(foreground_labels=self.label_manager.foreground_labels,
-                      regions=self.label_manager.foreground_regions if self.label_manager.has_regions else None,
-                      ignore_label=self.label_manager.ignore_label)
-        if self.use_data_augmentation:
-            tr_transforms = self.get_training_transforms(
-                patch_size, rotation, scales, mirror_axes, dummy_2d,
-                use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=self.is_cascaded,
-                **labels)
-        else:  # as nnUNetTrainerNoDA, but test-time mirroring stays allowed: stage 1 was trained with mirroring
-            tr_transforms = self.get_validation_transforms(scales, is_cascaded=self.is_cascaded, **labels)
-            initial_patch_size = patch_size
-        val_transforms = self.get_validation_transforms(scales, is_cascaded=self.is_cascaded, **labels)
-
-        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
-        probabilities = pseudo_sampling_probabilities(dataset_tr.identifiers, self.pseudo_sampling_weight)
-        if probabilities is not None:
-            pseudo_share = sum(p for k, p in zip(dataset_tr.identifiers, probabilities) if is_pseudo_id(k))
-            self.print_to_log_file(f"sampling: pseudo-labeled cases drawn with total probability {pseudo_share:.3f}")
-        common = dict(oversample_foreground_percent=self.oversample_foreground_percent, pad_sides=None,
-                      probabilistic_oversampling=self.probabilistic_oversampling)
-        dl_tr = nnUNetDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, self.label_manager,
-                                 sampling_probabilities=probabilities, transforms=tr_transforms, **common)
-        dl_val = nnUNetDataLoader(dataset_val, self.batch_size, patch_size, patch_size, self.label_manager,
-                                  sampling_probabilities=None, transforms=val_transforms, **common)
-        n_proc = get_allowed_n_proc_DA()
-        if n_proc == 0:
-            train_loader, val_loader = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
-        else:
-            pin = self.device.type == "cuda"
-            train_loader = NonDetMultiThreadedAugmenter(dl_tr, None, num_processes=n_proc,
-                                                        num_cached=max(6, n_proc // 2), seeds=None, pin_memory=pin,
-                                                        wait_time=0.002)
-            val_loader = NonDetMultiThreadedAugmenter(dl_val, None, num_processes=max(1, n_proc // 2),
-                                                      num_cached=max(3, n_proc // 4), seeds=None, pin_memory=pin,
-                                                      wait_time=0.002)
-        next(train_loader)  # start the workers now, as nnU-Net does
-        next(val_loader)
-        return train_loader, val_loader
+        return pseudo_label_dataloaders(self, self.use_data_augmentation, self.pseudo_sampling_weight)
 
     # ------------------------------------------------------------------ initialisation from the stage-1 model
     def on_train_start(self):

@@ -223,7 +223,7 @@ def test_finetune_split_of_fewer_than_five_real_cases_stops_with_a_message(tmp_p
     """nnU-Net's KFold would die in scikit-learn; the trainer says what to do instead, before training."""
     from types import SimpleNamespace
 
-    from nnssl_trainers.pseudolabel_finetune import nnUNetTrainerPseudoLabelFinetune
+    from nnssl.pseudolabel.training_data import write_split_of_real_cases
 
     keys = ["case_0", "case_1", "case_2", "pl_case_3", "pl_case_4", "pl_case_5"]
     fake = SimpleNamespace(preprocessed_dataset_folder_base=str(tmp_path), preprocessed_dataset_folder=str(tmp_path),
@@ -231,12 +231,12 @@ def test_finetune_split_of_fewer_than_five_real_cases_stops_with_a_message(tmp_p
                            plans_manager=SimpleNamespace(dataset_name="Dataset901_X"),
                            print_to_log_file=lambda *a: None)
     with pytest.raises(SystemExit) as stop:
-        nnUNetTrainerPseudoLabelFinetune._create_split_of_real_cases(fake)
+        write_split_of_real_cases(fake)
     assert "only 3 real labeled case(s)" in str(stop.value) and "'all'" in str(stop.value)
     assert not (tmp_path / "splits_final.json").exists()
 
     fake.dataset_class = SimpleNamespace(get_identifiers=lambda folder: keys + ["case_6", "case_7"])
-    nnUNetTrainerPseudoLabelFinetune._create_split_of_real_cases(fake)
+    write_split_of_real_cases(fake)
     splits = json.loads((tmp_path / "splits_final.json").read_text())
     assert len(splits) == 5 and all("pl_case_3" in s["train"] and "pl_case_3" not in s["val"] for s in splits)
 
