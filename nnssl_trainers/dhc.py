@@ -6,7 +6,13 @@ from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
 from nnssl.ramps import ConsistencyWeight
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.class_statistics import DIFFDW_LOG, DISTDW_LOG, DualDebiasedWeights, labeled_class_counts, rounded
+from nnssl.training.class_statistics import (
+    DIFFDW_LOG,
+    DISTDW_LOG,
+    DualDebiasedWeights,
+    fold_labeled_class_counts,
+    rounded,
+)
 from nnssl.training.step import SSLTerms
 
 __all__ = ["DIFFDW_LOG", "DISTDW_LOG", "nnUNetTrainerDHC"]
@@ -41,6 +47,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
     rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
     log_prefix = "dhc"
     legacy_network_names = {"network_b": "network2"}
+    legacy_state_names = ("dhc",)
     supports_regions = False
     supports_ignore_label = False
     unsupported_reason = "DiffDW/DistDW weight plain label classes"
@@ -50,9 +57,10 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
 
     def build_extra_networks(self) -> None:
         self.num_classes = self.label_manager.num_segmentation_heads
+        labeled_counts = lambda: fold_labeled_class_counts(self, outside_mask_as_background=True)  # noqa: E731
         self.class_weights = self.register_state("dhc", DualDebiasedWeights(
-            self.num_classes, self.labeled_training_class_histogram, self.distdw_momentum,
-            self.diffdw_accumulate_iters, self.diffdw_exponent, self.print_to_log_file))
+            self.num_classes, labeled_counts, self.distdw_momentum, self.diffdw_accumulate_iters,
+            self.diffdw_exponent, self.print_to_log_file))
         weighted = ClassWeightedDCandCELoss(batch_dice=self.configuration_manager.batch_dice)
         if isinstance(self.loss, DeepSupervisionWrapper):
             weighted = DeepSupervisionWrapper(weighted, self.loss.weight_factors)
@@ -61,12 +69,6 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
     def class_names(self) -> list[str]:
         names = {int(v): k for k, v in self.label_manager.label_dict.items() if isinstance(v, int)}
         return [names.get(k, str(k)) for k in range(self.num_classes)]
-
-    def labeled_training_class_histogram(self) -> torch.Tensor:
-        """Voxels of every class in this fold's labeled training cases (-1 counts as background)."""
-        train_keys, _ = self.do_split()
-        return labeled_class_counts(self.dataset_class, self.preprocessed_dataset_folder, train_keys,
-                                    self.num_classes, outside_mask_as_background=True)
 
     def on_train_start(self):
         super().on_train_start()
@@ -118,8 +120,3 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
         if self.local_rank == 0:
             self.class_weights.log.save(self.output_folder, "dhc_class_weights", self.class_names())
         super().on_epoch_end()
-
-    def load_ssl_state_dict(self, state: dict) -> None:
-        if "dhc" in state:  # checkpoints before the state was registered kept it beside extra_state
-            state = {**state, "extra_state": {**state.get("extra_state", {}), "dhc": state["dhc"]}}
-        super().load_ssl_state_dict(state)

@@ -9,13 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from nnssl.debiasing import KnowledgeTransferWeighting
-from nnssl.gmm import DiagonalGaussianMixture, class_prototypes, cross_network_kernel_consistency
+from nnssl.gmm import DiagonalGaussianMixture, cross_network_kernel_consistency
 from nnssl.losses.cps import hard_pseudo_label
 from nnssl.losses.guidednet import (
     assemble_guidednet_loss,
-    flat_voxels,
+    batch_guidance_terms,
     gmm_rectified_pseudo_labels,
-    guidance_terms,
     kt_cps_class_weights,
     kt_cps_loss,
     voxel_subset,
@@ -23,7 +22,7 @@ from nnssl.losses.guidednet import (
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.class_statistics import labeled_class_counts
+from nnssl.training.class_statistics import fold_labeled_class_counts
 from nnssl.training.step import SSLTerms
 
 
@@ -40,30 +39,25 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
 
         L = Σ_m [L_sup^m + λ (G^m + w(t) C)] + w(t) L_ktcps,   λ = 0.3,  w(t) = 0.1 · sigmoid_rampup(t, L)
 
-    Deviations from the official code and why (nnU-Net's supervision, optimiser and augmentation; the labeled
-    histogram of KT-CPS from the fold's labeled cases; any sub-batch sizes; the prototype batch mean; a voxel subset
-    for the kernel maps; float32 GMM terms; no dropout before ``rep``; DDP): docs/methods/guidednet.md.
-
-    Logged: the common keys (``loss_supervised`` = sum over both nets, ``loss_unsupervised`` = ``2 lam C +
-    L_ktcps``, the part ``w(t)`` multiplies) and ``guidednet_*`` extras (GMM, prototype, kernel consistency,
-    KT-CPS and the KT-CPS weight range).
+    Logged: the common keys (``loss_unsupervised`` = ``2 λ C + L_ktcps``, the part ``w(t)`` multiplies) and
+    ``guidednet_*`` extras. Every deviation from the official code and why: docs/methods/guidednet.md.
     """
 
     second_network = "xavier"
     guidance_weight: float = 0.3  # lambda ("lanmuda") of the README commands
     unsupervised_weight = 0.1  # "consistency" of the README commands; weight of KT-CPS and C after the ramp
     log_prefix = "guidednet"
+    legacy_state_names = ("kt_cps",)  # nnssl 0.1 checkpoints
     supports_regions = False
     unsupported_reason = "the method needs softmax class probabilities"
     kt_momentum: float = 0.99
     prototype_batch_mean: bool = True
     max_voxels_for_maps: int = 2 ** 17  # voxels per patch for kernel maps / GMM losses (131 072 ~ 51^3)
 
-    # ------------------------------------------------------------------ set-up
     def build_extra_networks(self) -> None:
         self.feature_taps = (DecoderFeatureTap(self.network), DecoderFeatureTap(self.network2))
         self.num_classes = self.label_manager.num_segmentation_heads
-        counts = self.initial_class_counts()
+        counts = fold_labeled_class_counts(self)
         self.print_to_log_file(f"KT-CPS initial class histogram (labeled training cases): {counts.tolist()}")
         self.kt_weighting = self.register_state("kt_cps", KnowledgeTransferWeighting(counts, momentum=self.kt_momentum))
         self.build_statistics()
@@ -71,11 +65,6 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
     def build_statistics(self) -> None:
         """Hook for variants that keep more state (the fitted GMM)."""
 
-    def initial_class_counts(self) -> Tensor:
-        tr_keys, _ = self.do_split()
-        return labeled_class_counts(self.dataset_class, self.preprocessed_dataset_folder, tr_keys, self.num_classes)
-
-    # ------------------------------------------------------------------ training
     def unlabeled_pseudo_labels(self, logits: Sequence[Tensor], features: Sequence[Tensor], labels: Tensor,
                                 n_labeled: int) -> tuple[list[Tensor | None], dict[str, Tensor]]:
         """Hook: pseudo-labels (N_u, *sp) that replace ``argmax z_u^m`` in KT-CPS (None: keep the argmax), plus
@@ -96,14 +85,8 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
 
         index_l = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
         index_u = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
-        labels_sub = flat_voxels(labels[:, 0], len(spatial), index_l)
-        guidance = []
-        for z, f in zip(logits, features):
-            prototypes, present = class_prototypes(f[:n_l], labels, self.num_classes)
-            guidance.append(guidance_terms(
-                prototypes, present, flat_voxels(f[:n_l], len(spatial), index_l),
-                flat_voxels(z[:n_l], len(spatial), index_l), labels_sub, flat_voxels(f[n_l:], len(spatial), index_u),
-                flat_voxels(z[n_l:], len(spatial), index_u), prototype_batch_mean=self.prototype_batch_mean))
+        guidance = [batch_guidance_terms(z, f, labels, n_l, self.num_classes, index_l, index_u,
+                                         self.prototype_batch_mean) for z, f in zip(logits, features)]
         kernel_consistency = cross_network_kernel_consistency(guidance[0].responsibility_labeled,
                                                               guidance[1].responsibility_labeled)
         w_a, w_b = kt_cps_class_weights(self.kt_weighting, logits[0][:n_l], logits[1][:n_l], labels)
@@ -126,28 +109,13 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
                         "loss_kernel_consistency": kernel_consistency, "loss_ktcps": kt_cps,
                         "kt_weight_min": w_b.min(), "kt_weight_max": w_b.max(), **extra_logs})
 
-    def load_ssl_state_dict(self, state: dict) -> None:
-        if "kt_cps" in state:  # written by nnssl 0.1, before registered state
-            state = {**state, "extra_state": {**state.get("extra_state", {}), "kt_cps": state["kt_cps"]}}
-        super().load_ssl_state_dict(state)
-
 
 class nnUNetTrainerGuidedNet_FittedGMM(nnUNetTrainerGuidedNet):
-    """GuidedNet with the paper's "3D-CGMM" taken literally: a fitted class-conditional Gaussian mixture rectifies
-    the unlabeled pseudo-labels used by KT-CPS.
-
-    Everything of :class:`nnUNetTrainerGuidedNet` is kept (so a comparison isolates the rectification); in
-    addition each network m owns a :class:`nnssl.gmm.DiagonalGaussianMixture` over its decoder features
-    (``gmm_components`` diagonal Gaussians per class, mixing weights). Every iteration, before the KT-CPS term,
-    ``gmm_em_steps`` EM steps per class are run on that network's labeled features (at most
-    ``gmm_voxels_per_class`` voxels per class, sampled) and blended into the stored state with momentum
-    ``gmm_momentum``. The unlabeled pseudo-labels of net m become ``argmax_k p_k g_k^s`` (product rule, strength
-    ``s = gmm_rectify_strength``; ``g`` the GMM class posterior with a uniform prior, which sums to 1 over k) and
-    supervise the other network in ``L_ktcps``; labeled voxels keep ``argmax z``. Until every class has been seen
-    by the GMM the plain pseudo-labels are used (an unseen class would get posterior 0 and could never be
-    pseudo-labelled). Both GMMs are saved in the checkpoint (``nnssl_state['gmm']``) and restored by ``--c``.
-    Extra logs: ``gmm_relabeled_fraction`` (unlabeled voxels whose pseudo-label the GMM changed),
-    ``gmm_fitted_classes``. Inference: ``self.network``, as for the base trainer.
+    """GuidedNet with the paper's "3D-CGMM" read literally: per network a fitted class-conditional Gaussian mixture
+    over its decoder features (registered state ``gmm``, EM steps on labeled features every iteration, momentum)
+    rectifies the unlabeled KT-CPS pseudo-labels to ``argmax_k p_k g_k^s``; the rest is the base trainer, so a
+    comparison isolates the rectification (docs/methods/guidednet.md, "Variant"). Extra logs:
+    ``gmm_relabeled_fraction`` (unlabeled voxels whose pseudo-label the GMM changed), ``gmm_fitted_classes``.
     """
 
     gmm_components: int = 3

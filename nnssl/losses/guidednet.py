@@ -1,7 +1,7 @@
 """GuidedNet's loss terms (Zhao et al., ACM MM 2024; docs/methods/guidednet.md): labeled-feature guidance
 ("3D-CGMM", formulas in :mod:`nnssl.gmm`), KT-CPS with crossed class weights, the total loss, the voxel subset the
-kernel maps run on, the labeled class histogram KT-CPS starts from, and the fitted-GMM rectification of the
-FittedGMM variant."""
+kernel maps run on and the fitted-GMM rectification of the FittedGMM variant (the labeled class histogram KT-CPS
+starts from is :func:`nnssl.training.class_statistics.labeled_class_counts`)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch import Tensor
 from nnssl.debiasing import KnowledgeTransferWeighting
 from nnssl.gmm import (
     DiagonalGaussianMixture,
+    class_prototypes,
     kernel_responsibility,
     labeled_gmm_loss,
     pair_unlabeled_with_labeled,
@@ -118,6 +119,20 @@ def kt_cps_loss(logits1: Tensor, logits2: Tensor, w_a: Tensor, w_b: Tensor, pseu
     pseudo2 = hard_pseudo_label(logits2) if pseudo2 is None else pseudo2
     return (weighted_cross_entropy(logits1, pseudo2.detach(), w_b)
             + weighted_cross_entropy(logits2, pseudo1.detach(), w_a))
+
+
+def batch_guidance_terms(logits: Tensor, features: Tensor, labels: Tensor, n_labeled: int, num_classes: int,
+                         index_l: Tensor | None, index_u: Tensor | None, prototype_batch_mean: bool = True
+                         ) -> GuidanceTerms:
+    """:func:`guidance_terms` of one network on its joint batch ``[x_l; x_u]`` (``logits`` (N, K, *sp), ``features``
+    (N, C, *sp), ``labels`` (N_l, 1, *sp)): class prototypes of its labeled features, then the kernel maps and GMM
+    losses on the voxel subsets ``index_l`` / ``index_u`` of :func:`voxel_subset` (None: every voxel)."""
+    dims = labels.ndim - 2
+    prototypes, present = class_prototypes(features[:n_labeled], labels, num_classes)
+    f_l, z_l = flat_voxels(features[:n_labeled], dims, index_l), flat_voxels(logits[:n_labeled], dims, index_l)
+    f_u, z_u = flat_voxels(features[n_labeled:], dims, index_u), flat_voxels(logits[n_labeled:], dims, index_u)
+    return guidance_terms(prototypes, present, f_l, z_l, flat_voxels(labels[:, 0], dims, index_l), f_u, z_u,
+                          prototype_batch_mean=prototype_batch_mean)
 
 
 def assemble_guidednet_loss(supervised: Sequence[Tensor], guidance: Sequence[Tensor], kernel_consistency: Tensor,

@@ -94,6 +94,8 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
     confidence_threshold: float = DEFAULT_CONFIDENCE_THRESHOLD
     # names of extra networks in checkpoints written by older nnssl versions -> their name now
     legacy_network_names: dict[str, str] = {}
+    # registered state that checkpoints of older nnssl versions kept beside ``extra_state`` (same layout)
+    legacy_state_names: tuple[str, ...] = ()
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -365,6 +367,9 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
         }
 
     def load_ssl_state_dict(self, state: dict) -> None:
+        legacy = {k: state[k] for k in self.legacy_state_names if k in state}
+        if legacy:  # written before the state was registered: it sat beside extra_state
+            state = {**state, "extra_state": {**state.get("extra_state", {}), **legacy}}
         networks = {self.legacy_network_names.get(k, k): v for k, v in state["extra_networks"].items()}
         optimizers = {self.legacy_network_names.get(k, k): v for k, v in state["extra_optimizers"].items()}
         missing = set(self.extra_networks) - set(networks)

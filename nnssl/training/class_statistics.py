@@ -46,6 +46,13 @@ def labeled_class_counts(dataset_class, folder: str, identifiers: Sequence[str],
     return torch.from_numpy(counts)
 
 
+def fold_labeled_class_counts(trainer, outside_mask_as_background: bool = False) -> Tensor:
+    """:func:`labeled_class_counts` of ``trainer``'s fold: its ``do_split()`` training keys only."""
+    train_keys, _ = trainer.do_split()
+    return labeled_class_counts(trainer.dataset_class, trainer.preprocessed_dataset_folder, train_keys,
+                                trainer.label_manager.num_segmentation_heads, outside_mask_as_background)
+
+
 class DualDebiasedWeights:
     """DHC's class weights (Wang & Li, MICCAI 2023, Sec. 2.2-2.3) as one state, registered once and restored by ``--c``.
 
