@@ -268,3 +268,23 @@ def bidirectional_copy_paste_ds(labeled: Tensor, labeled_targets: Sequence[Tenso
         mixed_u.weights.append(bcp_region_weights(m, labeled_weight, unlabeled_weight, n))
         mixed_u.masks.append(m)
     return mixed_l, mixed_u
+
+
+def random_labeled_copy_paste(images: Tensor, targets: Sequence[Tensor], mask_ratio: float) -> MixedBatch:
+    """SDCL's stage-1 mix of a step: :func:`labeled_copy_paste` with a fresh :func:`bcp_mask` box and every sample
+    paired with the next one (:func:`rolled_pairs`)."""
+    mask = bcp_mask(images.shape[2:], mask_ratio, device=images.device)
+    return labeled_copy_paste(images, targets, mask, rolled_pairs(images.shape[0], images.shape[0], images.device))
+
+
+def random_bidirectional_copy_paste_ds(labeled: Tensor, labeled_targets: Sequence[Tensor], unlabeled: Tensor,
+                                       pseudo_labels: Tensor, mask_ratio: float, labeled_weight: float,
+                                       unlabeled_weight: float) -> tuple[MixedBatch, MixedBatch]:
+    """BCP's two mixes of a self-training step: :func:`bidirectional_copy_paste_ds` with a fresh :func:`bcp_mask`
+    box and ``max(N_l, N_u)`` rolled pairs of each sub-batch."""
+    n = max(labeled.shape[0], unlabeled.shape[0])
+    mask = bcp_mask(labeled.shape[2:], mask_ratio, device=labeled.device)
+    return bidirectional_copy_paste_ds(labeled, labeled_targets, unlabeled, pseudo_labels, mask,
+                                       rolled_pairs(n, labeled.shape[0], labeled.device),
+                                       rolled_pairs(n, unlabeled.shape[0], labeled.device),
+                                       labeled_weight, unlabeled_weight)

@@ -10,8 +10,14 @@ import torch
 from torch import Tensor
 
 from nnssl.ema import make_ema_teacher, update_teacher_
-from nnssl.losses.sdcl import discrepancy_mask, pretrain_epoch_count, sdcl_student_loss, teacher_pseudo_labels
-from nnssl.mixing import MixedBatch, bcp_mask, bidirectional_copy_paste_ds, labeled_copy_paste, rolled_pairs
+from nnssl.losses.sdcl import (
+    SDCLStages,
+    discrepancy_mask,
+    pretrain_epoch_count,
+    sdcl_student_loss,
+    teacher_pseudo_labels,
+)
+from nnssl.mixing import random_bidirectional_copy_paste_ds, random_labeled_copy_paste
 from nnssl.networks.second_student import RESENC_M_BLOCKS, build_second_student
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
@@ -35,14 +41,9 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
     ``mix`` is BCP's region-weighted (Dice + CE) / 2 (ω = 0.5 on pseudo-labelled, 1 on ground-truth voxels) over
     nnU-Net's deep-supervision outputs; the corrections use the full-resolution output. One backward of L_1 + L_2.
 
-    Logged per epoch: the common keys (``loss_supervised`` = the mixed loss of both students, ``loss_unsupervised``
-    = their discrepancy corrections ``λ_mse L_mse + λ_kl L_kl`` (weight 1: the λ are inside), ``agreement`` = 1 −
-    the fraction of voxels in D, the teacher's confidence on the unlabelled patches) and ``sdcl_stage``,
-    ``sdcl_loss_mse`` / ``sdcl_loss_kl`` (student 1, unweighted). Stage 1 logs the mixed loss and the agreement.
-
-    Deviations from the official code and why (optimiser, the pre-training stop, deep supervision of the mixes,
-    batch composition, pseudo-labels, the box of M, one-network inference, refusing regions / ignore labels, one
-    trainer for both stages): docs/methods/sdcl.md.
+    Logged: the common keys (``loss_unsupervised`` = both students' corrections, the λ inside) and ``sdcl_stage``,
+    ``sdcl_loss_mse`` / ``sdcl_loss_kl`` (student 1). Every deviation from the official code and why:
+    docs/methods/sdcl.md.
     """
 
     ema_decay: float = 0.99
@@ -63,21 +64,23 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
     supports_ignore_label = False
     unsupported_reason = "SDCL's copy-paste targets and losses need plain softmax classes with every voxel labelled"
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.stage = 1
-        self.self_training_start_epoch: int | None = None
-
     # ------------------------------------------------------------------ set-up
     def initialize(self):
         if self.was_initialized:
             return
         super().initialize()
-        self.self_training_start_epoch = pretrain_epoch_count(self.num_epochs, self.pretrain_fraction,
-                                                              self.pretrain_epochs)
-        self.print_to_log_file(f"SDCL: BCP pre-training for epochs [0, {self.self_training_start_epoch}), "
-                               f"self-training afterwards (of {self.num_epochs} epochs)")
+        start = pretrain_epoch_count(self.num_epochs, self.pretrain_fraction, self.pretrain_epochs)
+        self.stages = self.register_state("sdcl", SDCLStages(start, self.print_to_log_file))
+        self.print_to_log_file(f"SDCL: BCP pre-training for epochs [0, {start}), self-training afterwards (of "
+                               f"{self.num_epochs} epochs)")
+
+    @property  # None before initialize(); nnU-Net's _save_debug_information reads every attribute
+    def stage(self) -> int | None:
+        return self.stages.stage if hasattr(self, "stages") else None
+
+    @property
+    def self_training_start_epoch(self) -> int | None:
+        return self.stages.self_training_start_epoch if hasattr(self, "stages") else None
 
     def build_extra_networks(self) -> None:
         cm = self.configuration_manager
@@ -102,7 +105,7 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
     def start_self_training(self) -> None:
         """Stage 2 begins: the teacher becomes a copy of student 1 (official: student 1's pre-train weights)."""
         unwrap(self.teacher).load_state_dict(unwrap(self.network).state_dict())
-        self.stage = 2
+        self.stages.stage = 2
         self.print_to_log_file(f"SDCL: stage 2 (self-training) from epoch {self.current_epoch}; teacher set to "
                                f"student 1")
 
@@ -119,8 +122,7 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
                                                                                                    unlabeled)
 
     def pretrain_terms(self, data: Tensor, targets: list[Tensor]) -> SSLTerms:
-        mask = bcp_mask(data.shape[2:], self.mask_ratio, device=self.device)
-        mixed = labeled_copy_paste(data, targets, mask, rolled_pairs(data.shape[0], data.shape[0], self.device))
+        mixed = random_labeled_copy_paste(data, targets, self.mask_ratio)
         supervision = mixed.targets if self.enable_deep_supervision else mixed.targets[0]
         out1, out2 = self._forward_students(mixed.images)
         loss1 = self.loss(out1 if self.enable_deep_supervision else out1[0], supervision)
@@ -130,20 +132,12 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
             agreement = 1 - discrepancy_mask(out1[0], out2[0]).float().mean()
         return SSLTerms(loss, torch.zeros_like(loss.detach()), agreement=agreement, loss=loss, extras={"stage": 1.0})
 
-    def self_training_mix(self, data: Tensor, targets: list[Tensor], unlabeled: Tensor, pseudo_labels: Tensor
-                          ) -> tuple[MixedBatch, MixedBatch]:
-        n = max(data.shape[0], unlabeled.shape[0])
-        mask = bcp_mask(data.shape[2:], self.mask_ratio, device=self.device)
-        return bidirectional_copy_paste_ds(data, targets, unlabeled, pseudo_labels, mask,
-                                           rolled_pairs(n, data.shape[0], self.device),
-                                           rolled_pairs(n, unlabeled.shape[0], self.device),
-                                           self.labeled_region_weight, self.unlabeled_region_weight)
-
     def self_training_terms(self, data: Tensor, targets: list[Tensor], unlabeled: Tensor) -> SSLTerms:
         with torch.no_grad():
             teacher_logits = self.teacher(unlabeled)
         pseudo_labels, _ = teacher_pseudo_labels(teacher_logits, self.pseudo_label_largest_component)
-        mixed_l, mixed_u = self.self_training_mix(data, targets, unlabeled, pseudo_labels)
+        mixed_l, mixed_u = random_bidirectional_copy_paste_ds(data, targets, unlabeled, pseudo_labels, self.mask_ratio,
+                                                              self.labeled_region_weight, self.unlabeled_region_weight)
         ds_weights = self.deep_supervision_weights() if self.enable_deep_supervision else (1.0,)
         out1, out2 = self._forward_students(torch.cat((mixed_l.images, mixed_u.images)))
         disc = discrepancy_mask(out1[0], out2[0])
@@ -159,23 +153,10 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
         if self.stage == 2:  # BCP/SDCL: constant decay, no warm-up
             update_teacher_(self.teacher, self.network, self.ema_decay)
 
-    # ------------------------------------------------------------------ checkpoints
-    def ssl_state_dict(self) -> dict:
-        state = super().ssl_state_dict()
-        state["sdcl_stage"] = self.stage
-        state["sdcl_self_training_start_epoch"] = self.self_training_start_epoch
-        return state
-
     def load_ssl_state_dict(self, state: dict) -> None:
+        if "sdcl_stage" in state:  # written before the stages were registered state: two top-level keys
+            state = {**state, "extra_state": {**state.get("extra_state", {}), "sdcl": state}}
         super().load_ssl_state_dict(state)
-        if "sdcl_stage" not in state:
-            raise RuntimeError("checkpoint has no SDCL stage: it was not written by an SDCL trainer")
-        self.stage = int(state["sdcl_stage"])
-        saved_start = int(state["sdcl_self_training_start_epoch"])
-        if saved_start != self.self_training_start_epoch:
-            self.print_to_log_file(f"SDCL: keeping the checkpoint's self-training start epoch {saved_start} "
-                                   f"(this schedule would give {self.self_training_start_epoch})")
-        self.self_training_start_epoch = saved_start
 
 
 class nnUNetTrainerSDCL_pancreas(nnUNetTrainerSDCL):

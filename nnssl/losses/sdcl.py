@@ -18,7 +18,7 @@ All arithmetic is float32 with autocast disabled, so bf16/fp16 logits are safe.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Mapping, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -248,3 +248,26 @@ def pretrain_epoch_count(num_epochs: int, fraction: float, explicit: int | None 
     if fraction == 1.0:
         return num_epochs
     return max(min(round(fraction * num_epochs), num_epochs - 1), min(1, num_epochs - 1))
+
+
+class SDCLStages:
+    """Which of SDCL's two stages the trainer is in (1: BCP pre-training on labeled mixes, 2: self-training) and the
+    epoch stage 2 starts, as one checkpointable state (registered once; ``--c`` restores it). The start epoch is
+    fixed by the run that began: a resumed run keeps it even if its schedule would give another one."""
+
+    def __init__(self, self_training_start_epoch: int, report: Callable[[str], None] = print):
+        self.stage = 1
+        self.self_training_start_epoch = int(self_training_start_epoch)
+        self._report = report
+
+    def state_dict(self) -> dict[str, int]:
+        # the key names of the checkpoints written before this state was registered
+        return {"sdcl_stage": self.stage, "sdcl_self_training_start_epoch": self.self_training_start_epoch}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.stage = int(state["sdcl_stage"])
+        saved_start = int(state["sdcl_self_training_start_epoch"])
+        if saved_start != self.self_training_start_epoch:
+            self._report(f"SDCL: keeping the checkpoint's self-training start epoch {saved_start} "
+                         f"(this schedule would give {self.self_training_start_epoch})")
+        self.self_training_start_epoch = saved_start

@@ -32,7 +32,7 @@ def _train_resume_check(ds, configuration: str, extra_env: dict[str, str] | None
 
     trainer, ckpt = restore_trainer(ds.env, fold)
     state = ckpt["nnssl_state"]
-    assert state["sdcl_stage"] == 2 and state["sdcl_self_training_start_epoch"] == 1
+    assert state["extra_state"]["sdcl"] == {"sdcl_stage": 2, "sdcl_self_training_start_epoch": 1}
     assert state["global_iteration"] == 4  # 2 epochs x 2 iterations, counted across the interruption
     assert trainer.stage == 2 and trainer.global_iteration == 4
     assert_state_dicts_equal(trainer.network.state_dict(), ckpt["network_weights"])

@@ -413,7 +413,7 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     assert trainer.global_iteration == 2
 
     state = trainer.ssl_state_dict()
-    assert state["sdcl_stage"] == 2 and state["sdcl_self_training_start_epoch"] == 1
+    assert state["extra_state"]["sdcl"] == {"sdcl_stage": 2, "sdcl_self_training_start_epoch": 1}
     restored = _trainer(tmp_path, monkeypatch, seed=1)
     restored.num_epochs = 10  # a changed schedule keeps the saved switch epoch
     restored.initialize()
@@ -424,6 +424,11 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     restored.current_epoch = 2
     restored.on_train_epoch_start()  # already in stage 2: the teacher is not reset to student 1
     assert _same(restored.teacher, trainer.teacher)
+    # a checkpoint of an earlier nnssl kept the two keys beside extra_state: it loads the same
+    older = _trainer(tmp_path, monkeypatch, seed=2)
+    older.initialize()
+    older.load_ssl_state_dict({**state, **state["extra_state"]["sdcl"], "extra_state": {}})
+    assert older.stage == 2 and older.self_training_start_epoch == 1
 
 
 def test_trainer_with_a_single_labeled_patch_and_the_pancreas_weights(tmp_path, monkeypatch):
