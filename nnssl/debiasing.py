@@ -94,7 +94,7 @@ class DistributionAwareWeighting:
 
     def __init__(self, initial_class_counts: torch.Tensor | np.ndarray | list, momentum: float = 0.99):
         if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"DistributionAwareWeighting momentum must be in [0, 1], got {momentum!r}")
+            raise ValueError(f"{type(self).__name__} momentum must be in [0, 1], got {momentum!r}")
         counts = _as_counts(initial_class_counts, "initial_class_counts")
         self.num_classes = counts.numel()
         self.momentum = float(momentum)
@@ -102,8 +102,10 @@ class DistributionAwareWeighting:
 
     def update(self, pseudo_label: torch.Tensor) -> torch.Tensor:
         """EMA step from the class histogram of ``pseudo_label`` (any shape, values in [0, K)); returns a copy."""
-        counts = class_histogram(pseudo_label, self.num_classes)
-        current = distribution_aware_weights(counts).to(pseudo_label.device)
+        return self._ema_step(class_histogram(pseudo_label, self.num_classes), pseudo_label.device)
+
+    def _ema_step(self, counts: torch.Tensor, device: torch.device) -> torch.Tensor:
+        current = distribution_aware_weights(counts).to(device)
         self.weights = self.momentum * self.weights.to(current.device) + (1.0 - self.momentum) * current
         return self.weights.clone()
 
@@ -114,7 +116,7 @@ class DistributionAwareWeighting:
         self.weights = _load_vector(state, "weights", self.num_classes, type(self).__name__).float()
 
 
-class KnowledgeTransferWeighting:
+class KnowledgeTransferWeighting(DistributionAwareWeighting):
     """GuidedNet KT-CPS weights (docs/methods/guidednet.md): DistDW on the histogram of *correctly* predicted labelled
     voxels; wrongly predicted voxels are counted as background (class 0). EMA momentum 0.99.
 
@@ -122,30 +124,13 @@ class KnowledgeTransferWeighting:
     ``w_A = update(z_l^1, y)`` and ``w_B = update(z_l^2, y)``, then ``CE_{w_B}(z^1, ŷ^2) + CE_{w_A}(z^2, ŷ^1)``.
     """
 
-    def __init__(self, initial_class_counts: torch.Tensor | np.ndarray | list, momentum: float = 0.99):
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"KnowledgeTransferWeighting momentum must be in [0, 1], got {momentum!r}")
-        counts = _as_counts(initial_class_counts, "initial_class_counts")
-        self.num_classes = counts.numel()
-        self.momentum = float(momentum)
-        self.weights = distribution_aware_weights(counts)
-
     def update(self, logits_labeled: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """EMA step from ``hist(where(argmax z_l == y, y, 0))``; ``target`` ``(N, *sp)`` or ``(N, 1, *sp)``."""
         _check_num_classes(logits_labeled, self.num_classes, type(self).__name__)
         labels = as_label_map(target, logits_labeled)
         prediction = torch.argmax(logits_labeled.detach(), dim=1)
         correct_labels = torch.where(prediction == labels, labels, torch.zeros_like(labels))
-        current = distribution_aware_weights(class_histogram(correct_labels, self.num_classes))
-        current = current.to(logits_labeled.device)
-        self.weights = self.momentum * self.weights.to(current.device) + (1.0 - self.momentum) * current
-        return self.weights.clone()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"weights": self.weights.detach().cpu().clone()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.weights = _load_vector(state, "weights", self.num_classes, type(self).__name__).float()
+        return self._ema_step(class_histogram(correct_labels, self.num_classes), logits_labeled.device)
 
 
 class DifficultyAwareWeighting:
