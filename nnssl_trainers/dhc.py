@@ -1,3 +1,5 @@
+import functools
+
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
@@ -57,7 +59,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
 
     def build_extra_networks(self) -> None:
         self.num_classes = self.label_manager.num_segmentation_heads
-        labeled_counts = lambda: fold_labeled_class_counts(self, outside_mask_as_background=True)  # noqa: E731
+        labeled_counts = functools.partial(fold_labeled_class_counts, self, outside_mask_as_background=True)
         self.class_weights = self.register_state("dhc", DualDebiasedWeights(
             self.num_classes, labeled_counts, self.distdw_momentum, self.diffdw_accumulate_iters,
             self.diffdw_exponent, self.print_to_log_file))
