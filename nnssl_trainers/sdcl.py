@@ -1,6 +1,4 @@
-"""SDCL (Song & Wang, MICCAI 2024) on BCP bidirectional copy-paste as nnU-Net v2 trainers (docs/methods/sdcl.md).
-The pieces of its step are library functions: :mod:`nnssl.networks.second_student`, the deep-supervised BCP mixes in
-:mod:`nnssl.mixing`, the losses and the stage schedule in :mod:`nnssl.losses.sdcl`."""
+"""SDCL (Song & Wang, MICCAI 2024) on BCP bidirectional copy-paste as nnU-Net v2 trainers (docs/methods/sdcl.md)."""
 
 from __future__ import annotations
 
@@ -10,17 +8,12 @@ import torch
 from torch import Tensor
 
 from nnssl.ema import make_ema_teacher, update_teacher_
-from nnssl.losses.sdcl import (
-    SDCLStages,
-    discrepancy_mask,
-    pretrain_epoch_count,
-    sdcl_student_loss,
-    teacher_pseudo_labels,
-)
+from nnssl.losses.sdcl import SDCLStages, discrepancy_mask, sdcl_student_loss, teacher_pseudo_labels
 from nnssl.mixing import random_bidirectional_copy_paste_ds, random_labeled_copy_paste
 from nnssl.networks.second_student import RESENC_M_BLOCKS, build_second_student
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.optimizers import ConstantLRAdam
 from nnssl.training.step import SSLTerms
 
 
@@ -41,9 +34,8 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
     ``mix`` is BCP's region-weighted (Dice + CE) / 2 (ω = 0.5 on pseudo-labelled, 1 on ground-truth voxels) over
     nnU-Net's deep-supervision outputs; the corrections use the full-resolution output. One backward of L_1 + L_2.
 
-    Logged: the common keys (``loss_unsupervised`` = both students' corrections, the λ inside) and ``sdcl_stage``,
-    ``sdcl_loss_mse`` / ``sdcl_loss_kl`` (student 1). Every deviation from the official code and why:
-    docs/methods/sdcl.md.
+    Logged: the common keys (``loss_unsupervised`` = both students' corrections, the λ inside), ``sdcl_stage``,
+    ``sdcl_loss_mse`` / ``sdcl_loss_kl`` (student 1). Deviations from the official code: docs/methods/sdcl.md.
     """
 
     ema_decay: float = 0.99
@@ -60,27 +52,20 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
 
     log_prefix = "sdcl"
     legacy_network_names = {"student2": "network2"}
+    legacy_state_groups = {"sdcl": ("sdcl_stage", "sdcl_self_training_start_epoch")}
     supports_regions = False
     supports_ignore_label = False
     unsupported_reason = "SDCL's copy-paste targets and losses need plain softmax classes with every voxel labelled"
 
-    # ------------------------------------------------------------------ set-up
     def initialize(self):
         if self.was_initialized:
             return
         super().initialize()
-        start = pretrain_epoch_count(self.num_epochs, self.pretrain_fraction, self.pretrain_epochs)
-        self.stages = self.register_state("sdcl", SDCLStages(start, self.print_to_log_file))
-        self.print_to_log_file(f"SDCL: BCP pre-training for epochs [0, {start}), self-training afterwards (of "
-                               f"{self.num_epochs} epochs)")
-
-    @property  # None before initialize(); nnU-Net's _save_debug_information reads every attribute
-    def stage(self) -> int | None:
-        return self.stages.stage if hasattr(self, "stages") else None
-
-    @property
-    def self_training_start_epoch(self) -> int | None:
-        return self.stages.self_training_start_epoch if hasattr(self, "stages") else None
+        stages = SDCLStages.for_schedule(self.num_epochs, self.pretrain_fraction, self.pretrain_epochs,
+                                         self.print_to_log_file)
+        self.stages = self.register_state("sdcl", stages)
+        self.print_to_log_file(f"SDCL: BCP pre-training for epochs [0, {stages.self_training_start_epoch}), "
+                               f"self-training afterwards (of {self.num_epochs} epochs)")
 
     def build_extra_networks(self) -> None:
         cm = self.configuration_manager
@@ -93,41 +78,28 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
         teacher.decoder.deep_supervision = False  # pseudo-labels come from the full-resolution output only
         self.register_extra_network("teacher", teacher, trainable=False)
 
-    def deep_supervision_weights(self) -> tuple[float, ...]:
-        return tuple(float(w) for w in getattr(self.loss, "weight_factors", None) or (1.0,))
-
-    # ------------------------------------------------------------------ stages
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.stage == 1 and self.current_epoch >= self.self_training_start_epoch:
-            self.start_self_training()
+        if self.stages.stage == 1 and self.current_epoch >= self.stages.self_training_start_epoch:
+            # stage 2 begins: the teacher becomes a copy of student 1 (official: student 1's pre-train weights)
+            unwrap(self.teacher).load_state_dict(unwrap(self.network).state_dict())
+            self.stages.stage = 2
+            self.print_to_log_file(f"SDCL: stage 2 (self-training) from epoch {self.current_epoch}; teacher set to "
+                                   f"student 1")
 
-    def start_self_training(self) -> None:
-        """Stage 2 begins: the teacher becomes a copy of student 1 (official: student 1's pre-train weights)."""
-        unwrap(self.teacher).load_state_dict(unwrap(self.network).state_dict())
-        self.stages.stage = 2
-        self.print_to_log_file(f"SDCL: stage 2 (self-training) from epoch {self.current_epoch}; teacher set to "
-                               f"student 1")
-
-    # ------------------------------------------------------------------ training
     def current_unsupervised_weight(self) -> float:
-        return 0.0 if self.stage == 1 else 1.0  # the λ of SDCL's corrections are inside its loss
-
-    def _forward_students(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        return as_list(self.network(images)), as_list(self.network2(images))
+        return 0.0 if self.stages.stage == 1 else 1.0  # the λ of SDCL's corrections are inside its loss
 
     def ssl_terms(self, data: Tensor, target, unlabeled: Tensor) -> SSLTerms:
-        targets = as_list(target)
-        return self.pretrain_terms(data, targets) if self.stage == 1 else self.self_training_terms(data, targets,
-                                                                                                   unlabeled)
+        if self.stages.stage == 1:
+            return self.pretrain_terms(data, as_list(target))
+        return self.self_training_terms(data, as_list(target), unlabeled)
 
     def pretrain_terms(self, data: Tensor, targets: list[Tensor]) -> SSLTerms:
         mixed = random_labeled_copy_paste(data, targets, self.mask_ratio)
-        supervision = mixed.targets if self.enable_deep_supervision else mixed.targets[0]
-        out1, out2 = self._forward_students(mixed.images)
-        loss1 = self.loss(out1 if self.enable_deep_supervision else out1[0], supervision)
-        loss2 = self.loss(out2 if self.enable_deep_supervision else out2[0], supervision)
-        loss = loss1 + loss2
+        supervision, n = (mixed.targets if self.enable_deep_supervision else mixed.targets[0]), data.shape[0]
+        out1, out2 = as_list(self.network(mixed.images)), as_list(self.network2(mixed.images))
+        loss = self.supervised_loss(out1, supervision, n) + self.supervised_loss(out2, supervision, n)
         with torch.no_grad():
             agreement = 1 - discrepancy_mask(out1[0], out2[0]).float().mean()
         return SSLTerms(loss, torch.zeros_like(loss.detach()), agreement=agreement, loss=loss, extras={"stage": 1.0})
@@ -138,11 +110,11 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
         pseudo_labels, _ = teacher_pseudo_labels(teacher_logits, self.pseudo_label_largest_component)
         mixed_l, mixed_u = random_bidirectional_copy_paste_ds(data, targets, unlabeled, pseudo_labels, self.mask_ratio,
                                                               self.labeled_region_weight, self.unlabeled_region_weight)
-        ds_weights = self.deep_supervision_weights() if self.enable_deep_supervision else (1.0,)
-        out1, out2 = self._forward_students(torch.cat((mixed_l.images, mixed_u.images)))
+        images = torch.cat((mixed_l.images, mixed_u.images))
+        out1, out2 = as_list(self.network(images)), as_list(self.network2(images))
         disc = discrepancy_mask(out1[0], out2[0])
-        loss1 = sdcl_student_loss(out1, (mixed_l, mixed_u), disc, ds_weights, self.mse_weight, self.kl_weight)
-        loss2 = sdcl_student_loss(out2, (mixed_l, mixed_u), disc, ds_weights, self.mse_weight, self.kl_weight)
+        loss1, loss2 = (sdcl_student_loss(out, (mixed_l, mixed_u), disc, self.deep_supervision_weights(),
+                                          self.mse_weight, self.kl_weight) for out in (out1, out2))
         loss = loss1.total + loss2.total
         with torch.no_grad():
             return SSLTerms(loss1.mix + loss2.mix, loss - loss1.mix - loss2.mix, pseudo_label_logits=(teacher_logits,),
@@ -150,13 +122,8 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
                             extras={"loss_mse": loss1.mse, "loss_kl": loss1.kl, "stage": 2.0})
 
     def after_optimizer_step(self) -> None:
-        if self.stage == 2:  # BCP/SDCL: constant decay, no warm-up
+        if self.stages.stage == 2:  # BCP/SDCL: constant decay, no warm-up
             update_teacher_(self.teacher, self.network, self.ema_decay)
-
-    def load_ssl_state_dict(self, state: dict) -> None:
-        if "sdcl_stage" in state:  # written before the stages were registered state: two top-level keys
-            state = {**state, "extra_state": {**state.get("extra_state", {}), "sdcl": state}}
-        super().load_ssl_state_dict(state)
 
 
 class nnUNetTrainerSDCL_pancreas(nnUNetTrainerSDCL):
@@ -178,18 +145,6 @@ class nnUNetTrainerSDCL_resencM(nnUNetTrainerSDCL):
     student2_blocks_per_stage = RESENC_M_BLOCKS
 
 
-class nnUNetTrainerSDCL_adam(nnUNetTrainerSDCL):
+class nnUNetTrainerSDCL_adam(ConstantLRAdam, nnUNetTrainerSDCL):
     """SDCL with the official optimiser: Adam (default betas, no weight decay), constant lr 1e-3, for both students
-    and both stages (a poly schedule with exponent 0 keeps nnU-Net's per-epoch scheduler calls)."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.initial_lr = 1e-3
-        self.uses_nnunet_optimizer = False
-
-    def configure_optimizers(self):
-        from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
-
-        optimizer = torch.optim.Adam(self.network.parameters(), lr=self.initial_lr)
-        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, exponent=0.0)
+    and both stages."""

@@ -260,6 +260,12 @@ class SDCLStages:
         self.self_training_start_epoch = int(self_training_start_epoch)
         self._report = report
 
+    @classmethod
+    def for_schedule(cls, num_epochs: int, fraction: float, explicit: int | None = None,
+                     report: Callable[[str], None] = print) -> "SDCLStages":
+        """Stage 2 starts after :func:`pretrain_epoch_count` epochs of the schedule."""
+        return cls(pretrain_epoch_count(num_epochs, fraction, explicit), report)
+
     def state_dict(self) -> dict[str, int]:
         # the key names of the checkpoints written before this state was registered
         return {"sdcl_stage": self.stage, "sdcl_self_training_start_epoch": self.self_training_start_epoch}

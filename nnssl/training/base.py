@@ -96,6 +96,8 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
     legacy_network_names: dict[str, str] = {}
     # registered state that checkpoints of older nnssl versions kept beside ``extra_state`` (same layout)
     legacy_state_names: tuple[str, ...] = ()
+    # registered state whose older checkpoints kept its entries as several top-level keys -> those keys
+    legacy_state_groups: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -249,6 +251,11 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
         labeled = labeled_rows(outputs, n_labeled)
         return self.loss(labeled if self.enable_deep_supervision else labeled[0], target)
 
+    def deep_supervision_weights(self) -> tuple[float, ...]:
+        """nnU-Net's deep-supervision weight of each output scale (highest resolution first); ``(1.0,)`` without."""
+        factors = getattr(self.loss, "weight_factors", None) if self.enable_deep_supervision else None
+        return tuple(float(w) for w in factors) if factors else (1.0,)
+
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         """Hook: the method's loss terms for one step, computed under autocast."""
         raise NotImplementedError(f"{type(self).__name__} must implement ssl_terms (or its own train_step)")
@@ -368,6 +375,8 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
 
     def load_ssl_state_dict(self, state: dict) -> None:
         legacy = {k: state[k] for k in self.legacy_state_names if k in state}
+        legacy.update({name: {k: state[k] for k in keys} for name, keys in self.legacy_state_groups.items()
+                       if all(k in state for k in keys)})
         if legacy:  # written before the state was registered: it sat beside extra_state
             state = {**state, "extra_state": {**state.get("extra_state", {}), **legacy}}
         networks = {self.legacy_network_names.get(k, k): v for k, v in state["extra_networks"].items()}

@@ -34,7 +34,7 @@ def _train_resume_check(ds, configuration: str, extra_env: dict[str, str] | None
     state = ckpt["nnssl_state"]
     assert state["extra_state"]["sdcl"] == {"sdcl_stage": 2, "sdcl_self_training_start_epoch": 1}
     assert state["global_iteration"] == 4  # 2 epochs x 2 iterations, counted across the interruption
-    assert trainer.stage == 2 and trainer.global_iteration == 4
+    assert trainer.stages.stage == 2 and trainer.global_iteration == 4
     assert_state_dicts_equal(trainer.network.state_dict(), ckpt["network_weights"])
     for name in ("network2", "teacher"):
         assert_state_dicts_equal(trainer.extra_networks[name].state_dict(), state["extra_networks"][name])

@@ -386,7 +386,7 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     assert isinstance(trainer.network2, ResidualEncoderUNet) and isinstance(trainer.network, PlainConvUNet)
     assert trainer.network2.decoder.deep_supervision and not trainer.teacher.decoder.deep_supervision
     assert not any(p.requires_grad for p in trainer.teacher.parameters())
-    assert trainer.stage == 1 and trainer.self_training_start_epoch == 1
+    assert trainer.stages.stage == 1 and trainer.stages.self_training_start_epoch == 1
     teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
 
     trainer.on_train_epoch_start()  # epoch 0: BCP pre-training
@@ -398,7 +398,7 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
 
     trainer.current_epoch = 1
     trainer.on_train_epoch_start()  # the switch: the teacher becomes student 1
-    assert trainer.stage == 2 and _same(trainer.teacher, trainer.network)
+    assert trainer.stages.stage == 2 and _same(trainer.teacher, trainer.network)
     old_teacher = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     out = trainer.train_step(_batch(1))
     for key in ("loss", "loss_supervised", "loss_unsupervised", "sdcl_loss_mse", "sdcl_loss_kl", "agreement",
@@ -419,7 +419,8 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     restored.initialize()
     assert not _same(restored.network2, trainer.network2)
     restored.load_ssl_state_dict(state)
-    assert restored.stage == 2 and restored.self_training_start_epoch == 1 and restored.global_iteration == 2
+    assert restored.stages.stage == 2 and restored.stages.self_training_start_epoch == 1
+    assert restored.global_iteration == 2
     assert _same(restored.network2, trainer.network2) and _same(restored.teacher, trainer.teacher)
     restored.current_epoch = 2
     restored.on_train_epoch_start()  # already in stage 2: the teacher is not reset to student 1
@@ -428,7 +429,7 @@ def test_trainer_runs_both_stages_and_restores_its_state(tmp_path, monkeypatch):
     older = _trainer(tmp_path, monkeypatch, seed=2)
     older.initialize()
     older.load_ssl_state_dict({**state, **state["extra_state"]["sdcl"], "extra_state": {}})
-    assert older.stage == 2 and older.self_training_start_epoch == 1
+    assert older.stages.stage == 2 and older.stages.self_training_start_epoch == 1
 
 
 def test_trainer_with_a_single_labeled_patch_and_the_pancreas_weights(tmp_path, monkeypatch):
@@ -471,7 +472,7 @@ def test_variants_adam_resenc_and_largest_component(tmp_path, monkeypatch):
     lcc.current_epoch = 1
     lcc.on_train_epoch_start()
     out = lcc.train_step(_batch(5))
-    assert lcc.stage == 2 and math.isfinite(out["sdcl_loss_kl"])
+    assert lcc.stages.stage == 2 and math.isfinite(out["sdcl_loss_kl"])
 
 
 def test_initial_lr_from_environment_only_for_nnunet_sgd_trainers(tmp_path, monkeypatch):
