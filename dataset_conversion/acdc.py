@@ -26,32 +26,22 @@ from pathlib import Path
 
 from nnssl.split import SSLSplit
 
-from .common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetCommand,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PaperSplit,
-    SitkFile,
-    SplitOptions,
-    convert_download,
-    first_n_labeled,
-    read_published_list,
-    walk_raw_tree,
-)
+from .cases import Case, DatasetFormat
+from .command import dataset_command
+from .dataset import convert_download
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
+from .published import PaperSplit, first_n_labeled, read_published_list
+from .raw_files import FileRef, walk_raw_tree
+from .readers import SitkFile
+from .roles import Catalogue, DatasetRules
 
+# the help line of this dataset's sub-command in `nnssl_convert --help` (COMMAND, at the end)
+SUMMARY = "ACDC cardiac cine-MRI: ED/ES frames, patient-level splits (SSL4MIS 70/10/20 with --split paper)"
 LABELS = {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
-FORMAT = DatasetFormat(
-    name="ACDC",
-    channel_names={"0": "cineMRI"},
-    labels=LABELS,
-    description="ACDC cardiac cine-MRI, ED and ES frames; labels RV, MYO (LV myocardium), LV cavity",
-    reference="https://www.creatis.insa-lyon.fr/Challenge/acdc/",
-)
+FORMAT = DatasetFormat(name="ACDC", channel_names={"0": "cineMRI"}, labels=LABELS,
+                       description="ACDC cardiac cine-MRI, ED and ES frames; labels RV, MYO (LV myocardium), LV cavity",
+                       reference="https://www.creatis.insa-lyon.fr/Challenge/acdc/")
 PAPERS = {"ssl4mis": "SSL4MIS", "bcp": "BCP", "sdcl": "SDCL"}  # identical ACDC lists (splits README)
 PHASES = ("ED", "ES")
 _PUBLISHED_FRAME = {"frame01": "ED", "frame02": "ES"}
@@ -159,11 +149,4 @@ def convert_acdc(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
     return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
-COMMAND = DatasetCommand(
-    name="acdc",
-    default_dataset_name="ACDC",
-    summary="ACDC cardiac cine-MRI: ED/ES frames, patient-level splits (SSL4MIS 70/10/20 with --split paper)",
-    description=__doc__,
-    convert=convert_acdc,
-    papers=tuple(PAPERS),
-)
+COMMAND = dataset_command(convert_acdc, FORMAT, SUMMARY, PAPERS)

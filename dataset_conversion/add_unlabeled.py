@@ -45,18 +45,11 @@ import SimpleITK as sitk
 from nnssl.errors import report_user_errors
 from nnssl.split import SplitError, SSLSplit, case_id_problem, cases_in_folder, check_case_id, load_split, save_split
 
-from .common import (
-    ROLE_FOLDERS,
-    Case,
-    ConversionError,
-    DatasetFormat,
-    FileRef,
-    PngGray,
-    SitkFile,
-    output_paths,
-    run_parallel,
-    write_case,
-)
+from .cases import Case, DatasetFormat
+from .errors import ConversionError
+from .raw_files import FileRef
+from .readers import PngGray, SitkFile
+from .writing import ROLE_FOLDERS, output_paths, run_parallel, write_case
 
 PROG = "nnssl_add_unlabeled"
 NATURAL_IMAGE_ENDINGS = (".png", ".bmp", ".tif")

@@ -28,26 +28,18 @@ from pathlib import Path
 
 from nnssl.split import SSLSplit
 
-from .common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetCommand,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PaperSplit,
-    SitkFile,
-    SplitOptions,
-    convert_download,
-    first_n_labeled,
-    match_files,
-    pair_files,
-    read_published_list,
-    walk_raw_tree,
-)
+from .cases import Case, DatasetFormat
+from .command import dataset_command
+from .dataset import convert_download
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
+from .published import PaperSplit, first_n_labeled, read_published_list
+from .raw_files import FileRef, match_files, pair_files, walk_raw_tree
+from .readers import SitkFile
+from .roles import Catalogue, DatasetRules
 
+# the help line of this dataset's sub-command in `nnssl_convert --help` (COMMAND, at the end)
+SUMMARY = "AMOS22 abdominal CT/MRI, 15 organs: imagesTr pool, imagesVa test, unlabeled CT release"
 LABELS = {
     "background": 0, "spleen": 1, "right kidney": 2, "left kidney": 3, "gallbladder": 4, "esophagus": 5,
     "liver": 6, "stomach": 7, "aorta": 8, "inferior vena cava": 9, "pancreas": 10, "right adrenal gland": 11,
@@ -170,13 +162,5 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="which scans to convert (default: ct; all with --split paper --paper dhc)")
 
 
-COMMAND = DatasetCommand(
-    name="amos",
-    default_dataset_name="AMOS22",
-    summary="AMOS22 abdominal CT/MRI, 15 organs: imagesTr pool, imagesVa test, unlabeled CT release",
-    description=__doc__,
-    convert=convert_amos,
-    papers=PAPERS,
-    add_arguments=_add_arguments,
-    keyword_arguments=("modality",),
-)
+COMMAND = dataset_command(convert_amos, dataset_format("ct"), SUMMARY, PAPERS, add_arguments=_add_arguments,
+                          keyword_arguments=("modality",))

@@ -31,36 +31,22 @@ from pathlib import Path
 
 from nnssl.split import SSLSplit
 
-from .common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetCommand,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PaperSplit,
-    PngGray,
-    PngMaskUnion,
-    SplitOptions,
-    convert_download,
-    first_n_labeled,
-    pair_files,
-    read_published_list,
-    walk_raw_tree,
-)
+from .cases import Case, DatasetFormat
+from .command import dataset_command
+from .dataset import convert_download
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
+from .published import PaperSplit, first_n_labeled, read_published_list
+from .raw_files import FileRef, pair_files, walk_raw_tree
+from .readers import PngGray, PngMaskUnion
+from .roles import Catalogue, DatasetRules
 
+# the help line of this dataset's sub-command in `nnssl_convert --help` (COMMAND, at the end)
+SUMMARY = "BUSI breast ultrasound (2D PNG): Kaggle or CMU-Net/MGCC layout, multiple masks merged"
 LABELS = {"background": 0, "lesion": 1}
-FORMAT = DatasetFormat(
-    name="BUSI",
-    channel_names={"0": "ultrasound"},
-    labels=LABELS,
-    file_ending=".png",
-    ndim=2,
-    description="Breast Ultrasound Images (BUSI, Al-Dhabyani et al. 2020): benign/malignant lesions, normal images",
-    reference="https://scholar.cu.edu.eg/?q=afahmy/pages/dataset",
-)
+FORMAT = DatasetFormat(name="BUSI", channel_names={"0": "ultrasound"}, labels=LABELS, file_ending=".png", ndim=2,
+                       description="Breast Ultrasound Images (BUSI, Al-Dhabyani et al. 2020): benign/malignant "
+                                   "lesions, normal images", reference="https://scholar.cu.edu.eg/?q=afahmy/pages/dataset")
 FOLDS = (1, 2, 3)
 _MASK = re.compile(r"(.+?)_mask(?:_\d+)?\.png", flags=re.IGNORECASE)
 
@@ -154,13 +140,5 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drop the normal (lesion-free) images, as CMU-Net does (647 images remain)")
 
 
-COMMAND = DatasetCommand(
-    name="busi",
-    default_dataset_name="BUSI",
-    summary="BUSI breast ultrasound (2D PNG): Kaggle or CMU-Net/MGCC layout, multiple masks merged",
-    description=__doc__,
-    convert=convert_busi,
-    papers=tuple(f"mgcc{f}" for f in FOLDS),
-    add_arguments=_add_arguments,
-    keyword_arguments=("exclude_normal",),
-)
+COMMAND = dataset_command(convert_busi, FORMAT, SUMMARY, papers=(f"mgcc{f}" for f in FOLDS),
+                          add_arguments=_add_arguments, keyword_arguments=("exclude_normal",))

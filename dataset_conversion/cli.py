@@ -15,7 +15,10 @@ from nnssl.errors import report_user_errors
 from nnssl.split import SplitError
 
 from . import acdc, amos, busi, flare22, la, pancreas, synapse
-from .common import ConversionError, ConversionOptions, DatasetCommand, SplitOptions, check_output_dir
+from .command import DatasetCommand
+from .dataset import check_output_dir
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
 
 DATASETS: dict[str, DatasetCommand] = {m.COMMAND.name: m.COMMAND for m in (flare22, amos, acdc, la, busi, synapse,
                                                                             pancreas)}

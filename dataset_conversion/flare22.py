@@ -26,36 +26,26 @@ from pathlib import Path
 
 from nnssl.split import SSLSplit
 
-from .common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetCommand,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PaperSplit,
-    SitkFile,
-    SplitOptions,
-    convert_download,
-    match_files,
-    pair_files,
-    walk_raw_tree,
-)
+from .cases import Case, DatasetFormat
+from .command import dataset_command
+from .dataset import convert_download
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
+from .published import PaperSplit
+from .raw_files import FileRef, match_files, pair_files, walk_raw_tree
+from .readers import SitkFile
+from .roles import Catalogue, DatasetRules
 
+# the help line of this dataset's sub-command in `nnssl_convert --help` (COMMAND, at the end)
+SUMMARY = "FLARE22 abdominal CT: 50 labeled + 2000 unlabeled, Tuning/Validation as test set"
 LABELS = {
     "background": 0, "liver": 1, "right kidney": 2, "spleen": 3, "pancreas": 4, "aorta": 5,
     "inferior vena cava": 6, "right adrenal gland": 7, "left adrenal gland": 8, "gallbladder": 9,
     "esophagus": 10, "stomach": 11, "duodenum": 12, "left kidney": 13,
 }
-FORMAT = DatasetFormat(
-    name="FLARE22",
-    channel_names={"0": "CT"},
-    labels=LABELS,
-    description="MICCAI FLARE 2022 abdominal organ segmentation: 50 labeled + 2000 unlabeled CTs",
-    reference="https://flare22.grand-challenge.org/",
-)
+FORMAT = DatasetFormat(name="FLARE22", channel_names={"0": "CT"}, labels=LABELS,
+                       description="MICCAI FLARE 2022 abdominal organ segmentation: 50 labeled + 2000 unlabeled CTs",
+                       reference="https://flare22.grand-challenge.org/")
 # The 50 validation cases were renamed "Tuning" after the challenge; the first folder that holds them is used.
 TEST_FOLDERS = ("tuning", "validation", "validation[ _]?set")
 
@@ -106,10 +96,4 @@ def convert_flare22(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
     return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
-COMMAND = DatasetCommand(
-    name="flare22",
-    default_dataset_name="FLARE22",
-    summary="FLARE22 abdominal CT: 50 labeled + 2000 unlabeled, Tuning/Validation as test set",
-    description=__doc__,
-    convert=convert_flare22,
-)
+COMMAND = dataset_command(convert_flare22, FORMAT, SUMMARY)

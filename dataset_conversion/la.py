@@ -27,33 +27,22 @@ import SimpleITK as sitk
 
 from nnssl.split import SSLSplit
 
-from .common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetCommand,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PaperSplit,
-    SitkFile,
-    SplitOptions,
-    convert_download,
-    first_n_labeled,
-    read_published_list,
-    walk_raw_tree,
-)
+from .cases import Case, DatasetFormat
+from .command import dataset_command
+from .dataset import convert_download
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
+from .published import PaperSplit, first_n_labeled, read_published_list
+from .raw_files import FileRef, walk_raw_tree
+from .readers import SitkFile
+from .roles import Catalogue, DatasetRules
 
+# the help line of this dataset's sub-command in `nnssl_convert --help` (COMMAND, at the end)
+SUMMARY = "LA 2018 atrial segmentation LGE-MRI: nrrd (label 255 -> 1) or preprocessed mri_norm2.h5"
 LABELS = {"background": 0, "left atrium": 1}
-FORMAT = DatasetFormat(
-    name="LA",
-    channel_names={"0": "LGE-MRI"},
-    labels=LABELS,
-    label_remap={255: 1},
-    description="2018 Atrial Segmentation Challenge, LGE-MRI, left atrium cavity",
-    reference="http://atriaseg2018.cardiacatlas.org/",
-)
+FORMAT = DatasetFormat(name="LA", channel_names={"0": "LGE-MRI"}, labels=LABELS, label_remap={255: 1},
+                       description="2018 Atrial Segmentation Challenge, LGE-MRI, left atrium cavity",
+                       reference="http://atriaseg2018.cardiacatlas.org/")
 H5_SPACING_MM = (0.625, 0.625, 0.625)
 # paper -> (folder, train list, test list, default number of labeled cases)
 PAPERS = {
@@ -163,13 +152,5 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                              "is present)")
 
 
-COMMAND = DatasetCommand(
-    name="la",
-    default_dataset_name="LA",
-    summary="LA 2018 atrial segmentation LGE-MRI: nrrd (label 255 -> 1) or preprocessed mri_norm2.h5",
-    description=__doc__,
-    convert=convert_la,
-    papers=tuple(PAPERS),
-    add_arguments=_add_arguments,
-    keyword_arguments=("source",),
-)
+COMMAND = dataset_command(convert_la, FORMAT, SUMMARY, PAPERS, add_arguments=_add_arguments,
+                          keyword_arguments=("source",))

@@ -26,35 +26,22 @@ import SimpleITK as sitk
 
 from nnssl.split import SSLSplit
 
-from .common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetCommand,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PaperSplit,
-    SitkFile,
-    SplitOptions,
-    convert_download,
-    first_n_labeled,
-    match_files,
-    pair_files,
-    read_published_list,
-    verify_raw_file,
-    walk_raw_tree,
-)
+from .cases import Case, DatasetFormat
+from .command import dataset_command
+from .dataset import convert_download
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
+from .published import PaperSplit, first_n_labeled, read_published_list
+from .raw_files import FileRef, match_files, pair_files, walk_raw_tree
+from .readers import SitkFile, verify_raw_file
+from .roles import Catalogue, DatasetRules
 
+# the help line of this dataset's sub-command in `nnssl_convert --help` (COMMAND, at the end)
+SUMMARY = "NIH Pancreas-CT (TCIA DICOM or NIfTI + TCIA labels) as used by CoraNet/BCP/SDCL"
 LABELS = {"background": 0, "pancreas": 1}
-FORMAT = DatasetFormat(
-    name="PancreasCT",
-    channel_names={"0": "CT"},
-    labels=LABELS,
-    description="NIH Pancreas-CT (TCIA), portal-venous CT with pancreas labels",
-    reference="https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU",
-)
+FORMAT = DatasetFormat(name="PancreasCT", channel_names={"0": "CT"}, labels=LABELS,
+                       description="NIH Pancreas-CT (TCIA), portal-venous CT with pancreas labels",
+                       reference="https://doi.org/10.7937/K9/TCIA.2016.tNB1kqBU")
 LABEL_FOLDERS = ("TCIA_pancreas_labels-02-05-2017", "Pancreas-CT-Label", "label")
 # paper -> (folder, labeled list, unlabeled list, test list)
 PAPERS = {
@@ -174,11 +161,4 @@ def convert_pancreas(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
     return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
-COMMAND = DatasetCommand(
-    name="pancreas",
-    default_dataset_name="PancreasCT",
-    summary="NIH Pancreas-CT (TCIA DICOM or NIfTI + TCIA labels) as used by CoraNet/BCP/SDCL",
-    description=__doc__,
-    convert=convert_pancreas,
-    papers=tuple(PAPERS),
-)
+COMMAND = dataset_command(convert_pancreas, FORMAT, SUMMARY, PAPERS)

@@ -22,37 +22,26 @@ from pathlib import Path
 
 from nnssl.split import SSLSplit
 
-from .common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetCommand,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PaperSplit,
-    SitkFile,
-    SplitOptions,
-    convert_download,
-    match_files,
-    pair_files,
-    read_published_list,
-    walk_raw_tree,
-)
+from .cases import Case, DatasetFormat
+from .command import dataset_command
+from .dataset import convert_download
+from .errors import ConversionError
+from .options import ConversionOptions, SplitOptions
+from .published import PaperSplit, read_published_list
+from .raw_files import FileRef, match_files, pair_files, walk_raw_tree
+from .readers import SitkFile
+from .roles import Catalogue, DatasetRules
 
+# the help line of this dataset's sub-command in `nnssl_convert --help` (COMMAND, at the end)
+SUMMARY = "Synapse/BTCV abdominal CT, 13 organs (DHC): RawData/Training or imagesTr/labelsTr"
 LABELS = {
     "background": 0, "spleen": 1, "right kidney": 2, "left kidney": 3, "gallbladder": 4, "esophagus": 5,
     "liver": 6, "stomach": 7, "aorta": 8, "inferior vena cava": 9, "portal vein and splenic vein": 10,
     "pancreas": 11, "right adrenal gland": 12, "left adrenal gland": 13,
 }
-FORMAT = DatasetFormat(
-    name="Synapse",
-    channel_names={"0": "CT"},
-    labels=LABELS,
-    description="Synapse multi-organ CT (MICCAI 2015 BTCV Multi-Atlas Labeling Beyond the Cranial Vault), 13 organs",
-    reference="https://www.synapse.org/#!Synapse:syn3193805",
-)
+FORMAT = DatasetFormat(name="Synapse", channel_names={"0": "CT"}, labels=LABELS,
+                       description="Synapse multi-organ CT (MICCAI 2015 BTCV Multi-Atlas Labeling Beyond the Cranial "
+                                   "Vault), 13 organs", reference="https://www.synapse.org/#!Synapse:syn3193805")
 # paper -> (folder, {labeled fraction: (labeled file, unlabeled file)})
 PAPERS = {
     "genericssl": ("GenericSSL/synapse", {0.2: ("labeled_0.2.txt", "unlabeled_0.2.txt")}),
@@ -114,11 +103,4 @@ def convert_synapse(raw_dir: str | os.PathLike, output_dir: str | os.PathLike,
     return convert_download(raw_dir, output_dir, options, RULES, lambda: build_catalogue(raw_dir))
 
 
-COMMAND = DatasetCommand(
-    name="synapse",
-    default_dataset_name="Synapse",
-    summary="Synapse/BTCV abdominal CT, 13 organs (DHC): RawData/Training or imagesTr/labelsTr",
-    description=__doc__,
-    convert=convert_synapse,
-    papers=tuple(PAPERS),
-)
+COMMAND = dataset_command(convert_synapse, FORMAT, SUMMARY, PAPERS)

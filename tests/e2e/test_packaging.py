@@ -27,7 +27,7 @@ def test_paper_splits_ship_with_an_installed_copy(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
                     "--target", str(site), str(source)], check=True, cwd=tmp_path, capture_output=True)
     assert not (site / "nnssl" / "data" / "paper_splits").is_symlink()
-    code = ("from dataset_conversion.common import find_splits_dir, read_published_list; "
+    code = ("from dataset_conversion.published import find_splits_dir, read_published_list; "
             "import nnssl; d = find_splits_dir(); "
             "print(nnssl.__file__); print(d); print(len(read_published_list(d, 'SSL4MIS/acdc/train.list')))")
     env = {k: v for k, v in os.environ.items() if k != "NNSSL_SPLITS_DIR"}

@@ -10,8 +10,8 @@ from conversion_fakes import assert_consistent_dataset, make_busi, make_flare22,
 from PIL import Image
 
 from dataset_conversion.busi import convert_busi
-from dataset_conversion.common import ConversionOptions, SplitOptions
 from dataset_conversion.flare22 import convert_flare22
+from dataset_conversion.options import ConversionOptions, SplitOptions
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -57,7 +57,7 @@ def test_generated_pngs_are_added_as_grey_unlabeled_cases(tmp_path):
 
 def test_volumes_are_checked_for_dimension_and_spacing_units(tmp_path):
     from dataset_conversion.add_unlabeled import add_unlabeled
-    from dataset_conversion.common import ConversionError
+    from dataset_conversion.errors import ConversionError
 
     make_flare22(tmp_path / "raw", n_labeled=2, n_unlabeled=1, n_tuning=0)
     dataset = tmp_path / "Dataset511_FLARE22"

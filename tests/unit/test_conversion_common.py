@@ -1,5 +1,6 @@
-"""Shared converter machinery (dataset_conversion/common.py): raw-file discovery, checks, role assignment, atomic
-parallel writing, the published-lists folder, and the CLI's output-folder rules."""
+"""Shared converter machinery (dataset_conversion's raw_files, readers, cases, writing, options, published, roles
+and dataset modules): raw-file discovery, checks, role assignment, atomic parallel writing, the published-lists
+folder, and the CLI's output-folder rules."""
 
 from __future__ import annotations
 
@@ -12,28 +13,15 @@ import pytest
 import SimpleITK as sitk
 from conversion_fakes import assert_nothing_written, label_map, make_flare22, run_cli, volume, write_image, write_list
 
-from dataset_conversion import common
-from dataset_conversion.common import (
-    Case,
-    Catalogue,
-    ConversionError,
-    ConversionOptions,
-    DatasetFormat,
-    DatasetRules,
-    FileRef,
-    PngMaskUnion,
-    SitkFile,
-    SplitOptions,
-    align_label,
-    assign_roles,
-    check_image,
-    convert_dataset,
-    find_splits_dir,
-    label_to_uint8,
-    match_files,
-    read_published_list,
-    walk_raw_tree,
-)
+from dataset_conversion import published
+from dataset_conversion.cases import Case, DatasetFormat, align_label, check_image, label_to_uint8
+from dataset_conversion.dataset import convert_dataset
+from dataset_conversion.errors import ConversionError
+from dataset_conversion.options import ConversionOptions, SplitOptions
+from dataset_conversion.published import find_splits_dir, read_published_list
+from dataset_conversion.raw_files import FileRef, match_files, walk_raw_tree
+from dataset_conversion.readers import PngMaskUnion, SitkFile
+from dataset_conversion.roles import Catalogue, DatasetRules, assign_roles
 
 FMT = DatasetFormat(name="Toy", channel_names={"0": "CT"}, labels={"background": 0, "a": 1, "b": 2},
                     label_remap={255: 1})
@@ -201,7 +189,7 @@ def test_paper_split_ids_must_exist(tmp_path):
     catalogue = Catalogue(labeled=toy_cases(tmp_path, 3))
 
     def paper(splits_dir, options):
-        return common.PaperSplit(labeled=["g00_0"], unlabeled=["g01_0", "g07_0"], test=["g02_0"], origin="paper:X")
+        return published.PaperSplit(labeled=["g00_0"], unlabeled=["g01_0", "g07_0"], test=["g02_0"], origin="paper:X")
 
     with pytest.raises(ConversionError, match=r"paper:X: listed cases not found .*unlabeled: 1 e\.g\. \['g07_0'\]"):
         assign_roles(catalogue, rules(paper_split=paper), SplitOptions(split="paper", splits_dir=tmp_path))
@@ -248,19 +236,19 @@ def test_failed_case_leaves_no_output_and_existing_output_is_kept(tmp_path):
 
 
 def test_find_splits_dir_order(tmp_path, monkeypatch):
-    monkeypatch.setenv(common.SPLITS_DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(published.SPLITS_DIR_ENV, str(tmp_path))
     assert find_splits_dir() == tmp_path
     assert find_splits_dir(tmp_path / ".") == tmp_path / "."
     with pytest.raises(ConversionError, match="--splits-dir .*nope: folder not found"):
         find_splits_dir(tmp_path / "nope")
-    monkeypatch.setenv(common.SPLITS_DIR_ENV, str(tmp_path / "nope"))
+    monkeypatch.setenv(published.SPLITS_DIR_ENV, str(tmp_path / "nope"))
     with pytest.raises(ConversionError, match="NNSSL_SPLITS_DIR"):
         find_splits_dir()
-    monkeypatch.delenv(common.SPLITS_DIR_ENV)
+    monkeypatch.delenv(published.SPLITS_DIR_ENV)
     packaged = find_splits_dir()  # the lists that ship with the package
     assert packaged.parts[-3:] == ("nnssl", "data", "paper_splits") and (packaged / "PROVENANCE.md").is_file()
     assert len(read_published_list(packaged, "DHC/amos/labeled_2p.txt")) == 4
-    monkeypatch.setattr(common, "PACKAGED_SPLITS", "missing_folder")
+    monkeypatch.setattr(published, "PACKAGED_SPLITS", "missing_folder")
     with pytest.raises(ConversionError, match="missing from this installation"):
         find_splits_dir()
 

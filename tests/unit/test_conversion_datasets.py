@@ -369,7 +369,7 @@ def test_other_datasets_pass_nnunet_verify_dataset_integrity(raw, tmp_path, data
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
     from dataset_conversion import acdc, amos, la, pancreas, synapse
-    from dataset_conversion.common import ConversionOptions, SplitOptions
+    from dataset_conversion.options import ConversionOptions, SplitOptions
 
     make, convert_fn = {"amos": (make_amos, amos.convert_amos), "acdc": (make_acdc, acdc.convert_acdc),
                         "la": (make_la, la.convert_la), "synapse": (make_synapse, synapse.convert_synapse),

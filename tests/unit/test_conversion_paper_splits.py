@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 
 from dataset_conversion import acdc, amos, busi, flare22, la, pancreas, synapse
-from dataset_conversion.common import ConversionError, SplitOptions, find_splits_dir
+from dataset_conversion.errors import ConversionError
+from dataset_conversion.options import SplitOptions
+from dataset_conversion.published import find_splits_dir
 
 SPLITS = find_splits_dir()
 
