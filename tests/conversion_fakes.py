@@ -306,6 +306,14 @@ def run_cli(name: str, args: Sequence[str], nnunet_raw: Path, extra_env: dict | 
                           env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
 
 
+def convert(dataset: str, raw_dir: Path, nnraw: Path, *args, ok: bool = True, dataset_id: int = 501):
+    """``nnssl_convert DATASET RAW -d ID`` into ``nnraw``; asserts success unless ``ok`` is False."""
+    result = run_cli("nnssl_convert", [dataset, raw_dir, "-d", dataset_id, "-np", 1, *args], nnraw)
+    if ok:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
 def assert_nothing_written(nnunet_raw: Path) -> None:
     """A failed conversion leaves neither a dataset folder nor a hidden partial one."""
     left = sorted(p.name for p in nnunet_raw.iterdir()) if nnunet_raw.exists() else []

@@ -115,3 +115,13 @@ def test_doctor_names_the_missing_trainer_path_and_a_missing_dataset(tmp_path):
     healthy = run_script([_script("nnssl_doctor")], env=env)
     assert healthy.returncode == 0, healthy.stdout + healthy.stderr
     assert "PROBLEM" not in healthy.stdout
+
+
+def test_demo_refuses_a_work_dir_it_did_not_write(tmp_path):
+    """--overwrite deletes only a folder the demo wrote; a user's folder is refused before anything runs."""
+    user = tmp_path / "my_data"
+    user.mkdir()
+    (user / "keep.txt").write_text("mine")
+    proc = run_script([str(Path(sys.executable).parent / "nnssl_demo"), "--work-dir", str(user), "--overwrite"])
+    assert_user_error(proc, str(user), "not a folder nnssl_demo wrote")
+    assert (user / "keep.txt").read_text() == "mine"

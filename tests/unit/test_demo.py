@@ -79,17 +79,3 @@ def test_demo_runs_end_to_end_and_reuses_its_rows(tmp_path):
     assert second.stdout.split("\nmodel ")[1] == first.stdout.split("\nmodel ")[1]  # the same table and sentences
     assert Path(work / "benchmark.json").is_file()
 
-
-def test_demo_refuses_a_work_dir_it_did_not_write(tmp_path):
-    """--overwrite deletes only a folder the demo wrote; a user's folder is refused before anything runs."""
-    from bad_input import assert_user_error, run_script
-
-    user = tmp_path / "my_data"
-    user.mkdir()
-    (user / "keep.txt").write_text("mine")
-    import sys
-    from pathlib import Path
-
-    proc = run_script([str(Path(sys.executable).parent / "nnssl_demo"), "--work-dir", str(user), "--overwrite"])
-    assert_user_error(proc, str(user), "not a folder nnssl_demo wrote")
-    assert (user / "keep.txt").read_text() == "mine"

@@ -1,18 +1,16 @@
-"""nnssl.evaluation: metrics on hand-computed cases, folder evaluation (NIfTI and PNG) and the CLI end to end."""
+"""nnssl.evaluation: metrics on hand-computed cases, folder evaluation (NIfTI and PNG) and the CLI's errors
+(the CLI end to end in a fresh interpreter: tests/e2e/test_evaluate_cli.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from evaluation_cases import LABELS, cube, make_nifti_cases, write_nifti
 
 from nnssl.evaluation.cli import main
 from nnssl.evaluation.evaluate import (
@@ -23,21 +21,6 @@ from nnssl.evaluation.evaluate import (
     write_outputs,
 )
 from nnssl.evaluation.metrics import compute_case_metrics, evaluated_classes
-
-LABELS = {"background": 0, "liver": 1, "spleen": 2}
-
-
-def cube(shape, start, size=3, value=1, dtype=np.uint8):
-    arr = np.zeros(shape, dtype=dtype)
-    arr[tuple(slice(s, s + size) for s in start)] = value
-    return arr
-
-
-def write_nifti(path: Path, arr: np.ndarray, spacing_numpy_order) -> None:
-    image = sitk.GetImageFromArray(arr)
-    image.SetSpacing([float(s) for s in spacing_numpy_order[::-1]])  # SimpleITK wants x, y, z
-    sitk.WriteImage(image, str(path))
-
 
 # ----------------------------------------------------------------------------------------------------- metrics
 
@@ -183,23 +166,6 @@ def test_summary_excludes_and_counts_undefined_distances():
 # ----------------------------------------------------------------------------------------------------- folders
 
 
-def make_nifti_cases(tmp_path: Path) -> tuple[Path, Path, tuple[float, float, float]]:
-    """Three cases: perfect, liver shifted by one voxel along the 2 mm axis, spleen missed."""
-    pred_dir, gt_dir = tmp_path / "pred", tmp_path / "gt"
-    pred_dir.mkdir()
-    gt_dir.mkdir()
-    spacing = (2.0, 0.5, 0.5)
-    shape = (9, 12, 12)
-    for case, liver_shift, spleen_predicted in (("case_a", 0, True), ("case_b", 1, True), ("case_c", 0, False)):
-        gt = cube(shape, (1, 1, 1), size=4) + cube(shape, (5, 7, 7), size=3, value=2)
-        pred = cube(shape, (1 + liver_shift, 1, 1), size=4)
-        if spleen_predicted:
-            pred += cube(shape, (5, 7, 7), size=3, value=2)
-        write_nifti(gt_dir / f"{case}.nii.gz", gt, spacing)
-        write_nifti(pred_dir / f"{case}.nii.gz", pred, spacing)
-    return pred_dir, gt_dir, spacing
-
-
 def test_evaluate_folders_reads_spacing_from_files(tmp_path):
     pred_dir, gt_dir, spacing = make_nifti_cases(tmp_path)
     summary = evaluate_folders(pred_dir, gt_dir, LABELS, tolerance_mm=1.0, progress=False)
@@ -269,44 +235,6 @@ def test_written_outputs_and_table(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------- CLI
-
-
-def test_cli_end_to_end_with_dataset_id(tmp_path):
-    """The real entry point in a fresh interpreter, two worker processes; -d resolves $nnUNet_raw/Dataset123_*."""
-    raw = tmp_path / "raw"
-    dataset = raw / "Dataset123_Tiny"
-    dataset.mkdir(parents=True)
-    pred_dir, gt_dir, _ = make_nifti_cases(tmp_path)
-    (dataset / "dataset.json").write_text(
-        json.dumps({"labels": LABELS, "file_ending": ".nii.gz", "channel_names": {"0": "CT"}, "numTraining": 3})
-    )
-    env = {key: value for key, value in os.environ.items() if not key.startswith("nnUNet_")}
-    env["nnUNet_raw"] = str(raw)
-    result = subprocess.run(
-        [sys.executable, "-m", "nnssl.evaluation.cli", str(pred_dir), str(gt_dir), "-d", "123", "-np", "2"],
-        capture_output=True,
-        encoding="utf-8", errors="replace",
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "liver" in result.stdout and "spleen" in result.stdout and "foreground mean" in result.stdout
-    assert "3/3" in result.stderr  # the tqdm progress bar
-    summary = json.loads((pred_dir / "nnssl_evaluation" / "summary.json").read_text())
-    assert summary["num_cases"] == 3 and summary["tolerance_mm"] == 1.0
-    assert summary["per_class"]["liver"]["hd95"]["mean"] == pytest.approx(2.0 / 3)
-    assert summary["per_class"]["spleen"]["dice"]["mean"] == pytest.approx(2 / 3)
-    assert len((pred_dir / "nnssl_evaluation" / "per_case.csv").read_text().splitlines()) == 1 + 6
-    # the two worker processes give exactly what the in-process sequential path gives
-    sequential = evaluate_folders(pred_dir, gt_dir, LABELS, num_processes=1, progress=False)
-    assert [r["case"] for r in summary["per_case"]] == [r["case"] for r in sequential["per_case"]]
-    for record_parallel, record_sequential in zip(summary["per_case"], sequential["per_case"]):
-        for name in ("liver", "spleen"):
-            expected = {
-                k: (None if isinstance(v, float) and math.isnan(v) else v)
-                for k, v in record_sequential["metrics"][name].items()
-            }
-            assert record_parallel["metrics"][name] == pytest.approx(expected)
 
 
 def test_cli_dataset_json_output_folder_and_errors(tmp_path, capsys):

@@ -1,8 +1,5 @@
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -192,21 +189,6 @@ def test_cli_uses_nnunet_raw_env(tmp_path, monkeypatch, capsys):
     assert "Dataset012_Synthetic2D" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="already exists"):
         main(["-d", "12", "--kind", "2d"])
-
-
-def test_nnunet_verify_dataset_integrity_cli(tmp_path):
-    raw, preprocessed = tmp_path / "raw", tmp_path / "preprocessed"
-    make_synthetic_dataset(raw, 504, kind="3d", n_labeled=2, n_unlabeled=1, n_test=1, seed=0)
-    env = {**os.environ, "nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed),
-           "nnUNet_results": str(tmp_path / "results")}
-    exe = Path(sys.executable).parent / "nnUNetv2_extract_fingerprint"
-    cmd = [str(exe) if exe.exists() else "nnUNetv2_extract_fingerprint", "-d", "504", "--verify_dataset_integrity",
-           "-np", "1"]
-    result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    fingerprint = json.loads((preprocessed / "Dataset504_Synthetic3D" / "dataset_fingerprint.json").read_text())
-    assert len(fingerprint["spacings"]) == 2  # labeled cases only
-    assert fingerprint["shapes_after_crop"][0] == [32, 48, 48]
 
 
 def test_3d_voxel_scale_resamples_the_same_anatomy(tmp_path):
