@@ -22,6 +22,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
+@pytest.fixture
+def raw(tmp_path: Path) -> Path:
+    """Where a test writes a fake public download (tests/conversion_fakes.py)."""
+    return tmp_path / "raw"
+
+
+@pytest.fixture
+def nnraw(tmp_path: Path) -> Path:
+    """The nnUNet_raw folder a conversion test writes into."""
+    return tmp_path / "nnUNet_raw"
+
+
 @dataclass
 class PlannedDataset:
     dataset_id: int

@@ -49,16 +49,6 @@ def truncate(path: Path, keep: float = 0.5) -> Path:
 
 
 @pytest.fixture
-def raw(tmp_path: Path) -> Path:
-    return tmp_path / "raw"
-
-
-@pytest.fixture
-def nnraw(tmp_path: Path) -> Path:
-    return tmp_path / "nnUNet_raw"
-
-
-@pytest.fixture
 def flare_dataset(raw: Path, nnraw: Path) -> Path:
     """A converted FLARE22 look-alike (1 channel, .nii.gz) to add unlabeled images to."""
     make_flare22(raw, n_labeled=3, n_unlabeled=1, n_tuning=0)

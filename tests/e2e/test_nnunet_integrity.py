@@ -9,50 +9,34 @@ import subprocess
 import sys
 from pathlib import Path
 
+import conversion_fakes as fakes
 import pytest
-from conversion_fakes import (
-    convert,
-    make_acdc,
-    make_amos,
-    make_busi,
-    make_flare22,
-    make_la,
-    make_pancreas,
-    make_synapse,
-    read_json,
-    run_cli,
-)
 
 from nnssl.synthetic import make_synthetic_dataset
 
 
-@pytest.fixture
-def raw(tmp_path: Path) -> Path:
-    return tmp_path / "raw"
-
-
-@pytest.fixture
-def nnraw(tmp_path: Path) -> Path:
-    return tmp_path / "nnUNet_raw"
+def verify_with_nnunet_cli(dataset_id: int, nnraw: Path, tmp_path: Path):
+    """``nnUNetv2_extract_fingerprint -d ID --verify_dataset_integrity``; asserts that it succeeds."""
+    result = fakes.run_cli("nnUNetv2_extract_fingerprint", ["-d", dataset_id, "--verify_dataset_integrity", "-np", 1],
+                           nnraw, {"nnUNet_preprocessed": str(tmp_path / "pre"),
+                                   "nnUNet_results": str(tmp_path / "res")})
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
 
 
 def test_flare22_passes_nnunet_integrity_check(raw, nnraw, tmp_path):
-    make_flare22(raw, n_labeled=2, n_unlabeled=1, n_tuning=0)
-    convert("flare22", raw, nnraw, dataset_id=502)
-    result = run_cli("nnUNetv2_extract_fingerprint", ["-d", 502, "--verify_dataset_integrity", "-np", 1],
-                     nnraw, {"nnUNet_preprocessed": str(tmp_path / "pre"), "nnUNet_results": str(tmp_path / "res")})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    fakes.make_flare22(raw, n_labeled=2, n_unlabeled=1, n_tuning=0)
+    fakes.convert("flare22", raw, nnraw, dataset_id=502)
+    verify_with_nnunet_cli(502, nnraw, tmp_path)
     assert (tmp_path / "pre" / "Dataset502_FLARE22" / "dataset_fingerprint.json").is_file()
 
 
 def test_busi_passes_nnunet_integrity_check(raw, nnraw, tmp_path):
-    make_busi(raw, {"benign": 2, "malignant": 1, "normal": 1})
-    convert("busi", raw, nnraw, "--test-fraction", 0, dataset_id=503)
-    result = run_cli("nnUNetv2_extract_fingerprint", ["-d", 503, "--verify_dataset_integrity", "-np", 1], nnraw,
-                     {"nnUNet_preprocessed": str(tmp_path / "pre"), "nnUNet_results": str(tmp_path / "res")})
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    fakes.make_busi(raw, {"benign": 2, "malignant": 1, "normal": 1})
+    fakes.convert("busi", raw, nnraw, "--test-fraction", 0, dataset_id=503)
+    result = verify_with_nnunet_cli(503, nnraw, tmp_path)
     assert "NaturalImage2DIO" in result.stdout + result.stderr
-    fingerprint = read_json(tmp_path / "pre" / "Dataset503_BUSI" / "dataset_fingerprint.json")
+    fingerprint = fakes.read_json(tmp_path / "pre" / "Dataset503_BUSI" / "dataset_fingerprint.json")
     assert fingerprint["spacings"][0] == [999.0, 1.0, 1.0]  # nnU-Net's marker of 2D natural images
 
 
@@ -64,14 +48,14 @@ def test_other_datasets_pass_nnunet_verify_dataset_integrity(raw, tmp_path, data
     from dataset_conversion import acdc, amos, la, pancreas, synapse
     from dataset_conversion.options import ConversionOptions, SplitOptions
 
-    make, convert_fn = {"amos": (make_amos, amos.convert_amos), "acdc": (make_acdc, acdc.convert_acdc),
-                        "la": (make_la, la.convert_la), "synapse": (make_synapse, synapse.convert_synapse),
-                        "pancreas": (make_pancreas, pancreas.convert_pancreas)}[dataset]
+    make, convert_fn = {"amos": (fakes.make_amos, amos.convert_amos), "acdc": (fakes.make_acdc, acdc.convert_acdc),
+                        "la": (fakes.make_la, la.convert_la), "synapse": (fakes.make_synapse, synapse.convert_synapse),
+                        "pancreas": (fakes.make_pancreas, pancreas.convert_pancreas)}[dataset]
     make(raw)
     out = tmp_path / f"Dataset520_{dataset}"
     convert_fn(raw, out, ConversionOptions(SplitOptions(labeled_count=2), progress=False))
     verify_dataset_integrity(str(out), num_processes=1)  # raises on any problem
-    assert read_json(out / "dataset.json")["numTraining"] == 2 * (2 if dataset == "acdc" else 1)
+    assert fakes.read_json(out / "dataset.json")["numTraining"] == 2 * (2 if dataset == "acdc" else 1)
 
 
 def test_nnunet_verify_dataset_integrity_cli(tmp_path):

@@ -31,16 +31,6 @@ from conversion_fakes import (
 from PIL import Image
 
 
-@pytest.fixture
-def raw(tmp_path: Path) -> Path:
-    return tmp_path / "raw"
-
-
-@pytest.fixture
-def nnraw(tmp_path: Path) -> Path:
-    return tmp_path / "nnUNet_raw"
-
-
 def only_dataset(nnraw: Path) -> Path:
     (folder,) = [p for p in nnraw.iterdir()]
     return folder
