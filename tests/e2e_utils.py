@@ -147,3 +147,21 @@ def mean_foreground_dice(pred_dir: Path, gt_dir: Path, labels: list[int]) -> dic
             if g.sum() + p.sum():
                 dice[lab].append(2 * np.logical_and(g, p).sum() / (g.sum() + p.sum()))
     return {lab: float(np.mean(v)) if v else float("nan") for lab, v in dice.items()}
+
+
+def assert_nested_equal(a, b, where: str = "") -> None:
+    """Equality of nested state (optimizer or registered state dicts: dicts / lists of tensors and numbers)."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu()), f"tensor {where} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"keys of {where} differ"
+        for k in a:
+            assert_nested_equal(a[k], b[k], f"{where}/{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"length of {where} differs"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_nested_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{where}: {a!r} != {b!r}"  # NaN == NaN here

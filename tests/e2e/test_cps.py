@@ -7,6 +7,7 @@ import pytest
 import torch
 from e2e_utils import (
     assert_finite_progress,
+    assert_nested_equal,
     assert_state_dicts_equal,
     fold_dir,
     predict,
@@ -18,22 +19,6 @@ from e2e_utils import (
 pytestmark = pytest.mark.slow
 TRAINER = "nnUNetTrainerCPS"
 ENSEMBLE = "nnUNetTrainerCPS_ensemble"
-
-
-def assert_nested_equal(a, b, where: str = "") -> None:
-    """Equality of optimizer state dicts (nested dicts / lists of tensors and numbers)."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu()), f"tensor {where} differs"
-    elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"keys of {where} differ"
-        for k in a:
-            assert_nested_equal(a[k], b[k], f"{where}/{k}")
-    elif isinstance(a, (list, tuple)):
-        assert isinstance(b, (list, tuple)) and len(a) == len(b), f"length of {where} differs"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_nested_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 def _differs(state_a: dict, state_b: dict) -> bool:
