@@ -422,6 +422,30 @@ def _gap_columns(mine: list[RunResult], base: dict[int, RunResult], full: dict[i
             "wilcoxon_p": wilcoxon_p(x, y), "wilcoxon_pairs": len(x)}
 
 
+def _paired_gain(mine: list[RunResult], base: dict[int, RunResult], full: dict[int, RunResult], trainer: str
+                 ) -> dict:
+    """Gain in mean Dice over labeled-only, paired by seed (seeds where both rows finished), and a note naming the
+    seeds of this row that lack a reference row: without pairing, a seed whose reference failed would compare the
+    row's mean over some seeds with the reference's mean over others."""
+    paired = [r for r in mine if r.seed in base]
+    gain = float(np.mean([_mean(r.dice) - _mean(base[r.seed].dice) for r in paired])) if paired else float("nan")
+    out = {"gain_vs_supervised": gain, "gain_seeds": len(paired)}
+    if is_reference(trainer):
+        return out
+    seeds = sorted({r.seed for r in mine})
+    no_base, no_full = [s for s in seeds if s not in base], [s for s in seeds if s not in full]
+    notes = []
+    if no_base:
+        notes.append(f"seed(s) {', '.join(map(str, no_base))} without a finished {BASELINE} row: left out of gain, "
+                     f"gap closed and the paired test")
+    if no_full:
+        notes.append(f"seed(s) {', '.join(map(str, no_full))} without a finished {FULL_REFERENCE} row: left out of "
+                     f"gap closed")
+    if notes:
+        out["unpaired_note"] = "; ".join(notes) + " (the Dice columns average every finished seed of this row)"
+    return out
+
+
 def _gap_note(base: dict[int, RunResult], full: dict[int, RunResult], skipped: str | None) -> str | None:
     """Why gap closed is n/a for (some) seeds of a dataset, or None."""
     from nnssl.benchmark.gap import GAP_MIN_DENOMINATOR
@@ -464,7 +488,6 @@ def summarize(results: list[RunResult]) -> list[dict]:
         skipped_full = next((r.skipped for r in runs if r.trainer == FULL_REFERENCE and r.skipped), None)
         gap_note = _gap_note(base_by_seed, full_by_seed, skipped_full)
         first = len(rows)
-        base_dice = np.mean([_mean(r.dice) for r in base]) if base else float("nan")
         base_sec = np.mean([r.seconds_per_iteration for r in base]) if base else float("nan")
         base_mem = np.mean([r.cuda_max_allocated_mb if r.cuda_max_allocated_mb is not None else r.max_rss_mb
                             for r in base]) if base else float("nan")
@@ -491,7 +514,7 @@ def summarize(results: list[RunResult]) -> list[dict]:
                 row["dice_mean"] = float(np.mean(means))
                 row["dice_seed_spread"] = float(np.max(means) - np.min(means)) if len(means) > 1 else 0.0
                 row["nsd_mean"] = float(np.mean([_mean(r.nsd) for r in ok]))
-                row["gain_vs_supervised"] = row["dice_mean"] - base_dice
+                row.update(_paired_gain(ok, base_by_seed, full_by_seed, trainer))
                 row.update(_gap_columns(ok, base_by_seed, full_by_seed))
                 row["sec_per_iter"] = float(np.mean([r.seconds_per_iteration for r in ok]))
                 row["time_rel"] = row["sec_per_iter"] / base_sec
@@ -562,6 +585,7 @@ def markdown_table(rows: list[dict]) -> str:
                          f"epoch scaled by a speed calibration, the epochs kept); the references are the same rows "
                          f"under both budgets")
         lines += [f"- {row_label(r)}: {r['notes']}" for r in ds_rows if r.get("notes")]
+        lines += [f"- {row_label(r)}: {r['unpaired_note']}" for r in ds_rows if r.get("unpaired_note")]
         lines.append("")
     return "\n".join(lines)
 

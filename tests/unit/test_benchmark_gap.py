@@ -89,6 +89,22 @@ def test_summary_gap_closed_over_seeds_with_interval_and_paired_test():
     assert "| 0.725 | 0.725 | 0.725 |" in mt_line  # absolute Dice per class and mean stay next to it
 
 
+def test_a_seed_whose_reference_failed_is_left_out_of_gain_and_gap_and_named():
+    """Seed 1's labeled-only row failed and seed 2 has no full reference: the gain pairs seeds, gap closed uses only
+    seed 0, and the table says which seeds were left out of what (the Dice columns keep every seed)."""
+    results = [*_three_rows(0, 0.6, 0.9, 0.75),
+               RunResult(BASELINE, "Dataset1_X", 1, error="killed"), _result(FULL_REFERENCE, 1, 0.9),
+               _result(MT, 1, 0.9),
+               _result(BASELINE, 2, 0.7), _result(MT, 2, 0.72)]
+    mt = next(r for r in summarize(results) if r["trainer"] == MT)
+    assert mt["dice_mean"] == pytest.approx((0.75 + 0.9 + 0.72) / 3)
+    assert mt["gain_vs_supervised"] == pytest.approx((0.15 + 0.02) / 2) and mt["gain_seeds"] == 2
+    assert mt["gap_closed_per_seed"] == pytest.approx({"0": 0.5}) and mt["gap_closed_seeds"] == 1
+    assert "seed(s) 1 without a finished nnUNetTrainerSupervised row" in mt["unpaired_note"]
+    assert "seed(s) 2 without a finished FullySupervised row: left out of gap closed" in mt["unpaired_note"]
+    assert f"- {MT}: seed(s) 1 without" in markdown_table(summarize(results))
+
+
 def test_one_seed_gap_has_no_interval():
     rows = {r["trainer"]: r for r in summarize(_three_rows(0, 0.6, 0.9, 0.66))}
     assert rows[MT]["gap_closed"] == pytest.approx(0.2) and math.isnan(rows[MT]["gap_closed_ci_low"])
