@@ -1,0 +1,85 @@
+"""DHC's CPS base for the class-imbalance methods of its zoo (CReST, SimiS, CLD; ``xmed-lab/DHC code/train_crest.py``,
+``train_simis.py``, ``train_cld.py``): two networks on the whole batch ``[x_l; x_u]``, each supervised by a
+class-weighted DC+CE (DHC ``w_ce+dice``), and DHC's per-epoch ramp of the CPS weight.
+
+DHC's scripts initialise network A kaiming-normal and network B xavier-normal (``xavier_normal_init_weight``), so
+``second_network = "xavier"`` (norm weight 1, bias 0), as ``nnUNetTrainerCPS``. ``cps_w`` is recomputed at the end
+of each epoch ``e`` from ``e`` itself, so epoch ``e`` trains with ``0.1 · r(max(e − 1, 0))``, ramp length = number
+of epochs (``ConsistencyWeight(..., unit="epoch", delay=1)``, as ``nnUNetTrainerDHC``). Inference uses network A.
+"""
+
+from __future__ import annotations
+
+import torch
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+
+from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
+from nnssl.ramps import ConsistencyWeight
+from nnssl.tensors import argmax_agreement, as_list, labeled_rows
+from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.class_statistics import fold_labeled_class_counts
+from nnssl.training.step import SSLTerms
+
+
+class ClassWeightedCPSTrainer(nnUNetTrainerSSLBase):
+    """Base of CPS trainers whose supervised DC+CE is class-weighted (see the module doc). Subclasses build their
+    per-class state in :meth:`build_class_state` and implement ``ssl_terms`` with :meth:`forward_pair`,
+    :meth:`class_weighted_supervised_loss` and :meth:`pair_terms`."""
+
+    second_network = "xavier"  # DHC's zoo scripts: A kaiming-normal, B xavier-normal
+    unsupervised_weight = 0.1  # DHC launch config -w 0.1
+    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
+    supports_regions = False
+    supports_ignore_label = False
+    unsupported_reason = "per-class weights and statistics of hard pseudo-labels need plain label classes"
+
+    def build_extra_networks(self) -> None:
+        self.num_classes = self.label_manager.num_segmentation_heads
+        weighted = ClassWeightedDCandCELoss(batch_dice=self.configuration_manager.batch_dice)
+        self.class_weighted_loss = DeepSupervisionWrapper(weighted, self.loss.weight_factors) \
+            if isinstance(self.loss, DeepSupervisionWrapper) else weighted
+        self.build_class_state()
+
+    def build_class_state(self) -> None:
+        """Hook: register the method's per-class state (``register_state``)."""
+
+    def initialise_class_state(self) -> None:
+        """Hook: start the per-class state from :meth:`labeled_class_counts` unless it is set (or restored by
+        ``--c``); called at the start of training and before every step (must be cheap once set)."""
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.initialise_class_state()  # read the labeled histogram now rather than inside the first step
+
+    def labeled_class_counts(self) -> torch.Tensor:
+        """Voxel histogram of the fold's labeled training cases (DHC: whole labeled volumes; outside-mask voxels
+        count as background, as for DHC's DistDW)."""
+        return fold_labeled_class_counts(self, outside_mask_as_background=True)
+
+    def weight_schedule(self) -> ConsistencyWeight:
+        """``unsupervised_weight · sigmoid_rampup(max(epoch − 1, 0), L)``, DHC's per-epoch value."""
+        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
+        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
+
+    def forward_pair(self, data: torch.Tensor, unlabeled: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
+        """Both networks on ``[x_l; x_u]`` (deep-supervision lists, full resolution first)."""
+        inputs = torch.cat((data, unlabeled))
+        return as_list(self.network(inputs)), as_list(self.network2(inputs))
+
+    def class_weighted_supervised_loss(self, outputs: list[torch.Tensor], target, n_labeled: int,
+                                       class_weights: torch.Tensor) -> torch.Tensor:
+        """``DCCE_w`` on the labeled rows, every deep-supervision scale with nnU-Net's factors when enabled."""
+        labeled = labeled_rows(outputs, n_labeled)
+        if isinstance(self.class_weighted_loss, DeepSupervisionWrapper):
+            return self.class_weighted_loss(labeled, target, [class_weights] * len(labeled))
+        return self.class_weighted_loss(labeled[0], target[0] if isinstance(target, list) else target,
+                                        class_weights)
+
+    @staticmethod
+    def pair_terms(full_a: torch.Tensor, full_b: torch.Tensor, n_labeled: int, supervised_a: torch.Tensor,
+                   supervised_b: torch.Tensor, unsupervised: torch.Tensor, **extras) -> SSLTerms:
+        """The step's terms; both networks' unlabeled logits are the pseudo-label logits of the diagnostics."""
+        return SSLTerms(supervised_a + supervised_b, unsupervised,
+                        pseudo_label_logits=(full_a[n_labeled:], full_b[n_labeled:]),
+                        agreement=argmax_agreement(full_a, full_b),
+                        extras={"loss_supervised_a": supervised_a, "loss_supervised_b": supervised_b, **extras})
