@@ -1,0 +1,45 @@
+"""Checks shared by the unit tests of the trainers grafted on DHC's CPS base (nnssl/training/dhc_zoo.py): a few
+train steps on the tiny 2D dataset of tiny_trainer.py, the logged keys, and the trainer state through a real
+checkpoint file (nnU-Net's save_checkpoint / load_checkpoint, as ``--c`` reads it)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tiny_trainer as tiny
+import torch
+from e2e_utils import assert_nested_equal
+
+COMMON_KEYS = {"loss", "loss_supervised", "loss_unsupervised", "unsupervised_weight", "pseudo_label_confidence",
+               "fraction_above_threshold", "agreement"}
+
+
+def train_steps(trainer, steps: int = 3, seed: int = 0) -> list[dict]:
+    """``steps`` train steps on tiny joint batches; every logged value finite, the common keys and the method's
+    own ``<prefix>_loss_supervised_a/_b`` present."""
+    trainer.on_train_epoch_start()
+    outputs = [trainer.train_step(tiny.tiny_batch(torch.Generator().manual_seed(seed + s))) for s in range(steps)]
+    prefix = trainer.log_prefix
+    for out in outputs:
+        assert COMMON_KEYS | {f"{prefix}_loss_supervised_a", f"{prefix}_loss_supervised_b"} <= set(out)
+        assert all(k in COMMON_KEYS or k.startswith(f"{prefix}_") for k in out), sorted(out)
+        assert all(math.isfinite(float(v)) for v in out.values()), out
+        assert out["loss_supervised"] == pytest.approx(out[f"{prefix}_loss_supervised_a"]
+                                                       + out[f"{prefix}_loss_supervised_b"], rel=1e-5)
+    assert trainer.global_iteration == steps
+    return outputs
+
+
+def reload_from_checkpoint(trainer, tmp_path, monkeypatch):
+    """Write ``trainer``'s checkpoint with nnU-Net's save_checkpoint, load it into a fresh trainer of the same class
+    and check that networks, optimizers and registered state are restored exactly; returns the fresh trainer."""
+    path = str(tmp_path / "checkpoint_test.pth")
+    trainer.save_checkpoint(path)
+    fresh = trainer.__class__(tiny.tiny_plans(), "2d", 0, tiny.DATASET_JSON, torch.device("cpu"))
+    fresh.initialize()
+    fresh.load_checkpoint(path)
+    saved, restored = trainer.ssl_state_dict(), fresh.ssl_state_dict()
+    for part in ("extra_networks", "extra_optimizers", "extra_state", "global_iteration"):
+        assert_nested_equal(restored[part], saved[part], part)
+    return fresh
