@@ -21,14 +21,24 @@ from nnssl.training.class_statistics import fold_labeled_class_counts
 from nnssl.training.step import SSLTerms
 
 
-class ClassWeightedCPSTrainer(nnUNetTrainerSSLBase):
+class DHCEpochRamp:
+    """Mixin: DHC's per-epoch ramp of the unsupervised weight (``-r``), ``rampup_epochs`` long (None: all epochs)."""
+
+    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
+
+    def weight_schedule(self) -> ConsistencyWeight:
+        """``unsupervised_weight · sigmoid_rampup(max(epoch − 1, 0), L)``, DHC's per-epoch value."""
+        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
+        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
+
+
+class ClassWeightedCPSTrainer(DHCEpochRamp, nnUNetTrainerSSLBase):
     """Base of CPS trainers whose supervised DC+CE is class-weighted (see the module doc). Subclasses build their
     per-class state in :meth:`build_class_state` and implement ``ssl_terms`` with :meth:`forward_pair`,
     :meth:`class_weighted_supervised_loss` and :meth:`pair_terms`."""
 
     second_network = "xavier"  # DHC's zoo scripts: A kaiming-normal, B xavier-normal
     unsupervised_weight = 0.1  # DHC launch config -w 0.1
-    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
     supports_regions = False
     supports_ignore_label = False
     unsupported_reason = "per-class weights and statistics of hard pseudo-labels need plain label classes"
@@ -55,11 +65,6 @@ class ClassWeightedCPSTrainer(nnUNetTrainerSSLBase):
         """Voxel histogram of the fold's labeled training cases (DHC: whole labeled volumes; outside-mask voxels
         count as background, as for DHC's DistDW)."""
         return fold_labeled_class_counts(self, outside_mask_as_background=True)
-
-    def weight_schedule(self) -> ConsistencyWeight:
-        """``unsupervised_weight · sigmoid_rampup(max(epoch − 1, 0), L)``, DHC's per-epoch value."""
-        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
-        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
 
     def forward_pair(self, data: torch.Tensor, unlabeled: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
         """Both networks on ``[x_l; x_u]`` (deep-supervision lists, full resolution first)."""
