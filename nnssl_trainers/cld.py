@@ -2,7 +2,6 @@ import torch
 
 from nnssl.losses.class_sampling import CLDStatistics, class_sampling_map, sampled_cross_entropy
 from nnssl.losses.cps import hard_pseudo_label
-from nnssl.training.class_statistics import rounded
 from nnssl.training.class_weighted_cps import ClassWeightedCPSTrainer
 from nnssl.training.step import SSLTerms
 
@@ -30,25 +29,18 @@ class nnUNetTrainerCLD(ClassWeightedCPSTrainer):
     confidence_update_every: int = 8  # DHC --confs_iter
     sampling_gamma: float = 0.5
 
-    def build_class_state(self) -> None:
-        self.statistics = self.register_state("cld", CLDStatistics(
-            self.num_classes, self.confidence_momentum, self.confidence_update_every, self.sampling_gamma))
-
-    def initialise_class_state(self) -> None:
-        if not self.statistics.initialised:
-            counts = self.labeled_class_counts()
-            self.statistics.initialise(counts)
-            self.print_to_log_file(f"cld: class weights from labeled training voxels {counts.tolist()}: "
-                                   f"{rounded(self.statistics.class_weights)}")
+    def make_class_state(self) -> CLDStatistics:
+        return CLDStatistics(self.num_classes, self.confidence_momentum, self.confidence_update_every,
+                             self.sampling_gamma)
 
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         self.initialise_class_state()
         n_l = data.shape[0]
         outputs_a, outputs_b = self.forward_pair(data, unlabeled)
         full_a, full_b = outputs_a[0], outputs_b[0]
-        rates_a, rates_b = self.statistics.record(full_a[:n_l], full_b[:n_l], target[0] if isinstance(target, list)
+        rates_a, rates_b = self.class_state.record(full_a[:n_l], full_b[:n_l], target[0] if isinstance(target, list)
                                                   else target)
-        weights = self.statistics.class_weights.to(full_a.device)
+        weights = self.class_state.class_weights.to(full_a.device)
         supervised_a = self.class_weighted_supervised_loss(outputs_a, target, n_l, weights)
         supervised_b = self.class_weighted_supervised_loss(outputs_b, target, n_l, weights)
         map_a, map_b = class_sampling_map(full_a, rates_a), class_sampling_map(full_b, rates_b)

@@ -2,7 +2,6 @@ import torch
 
 from nnssl.losses.class_rebalancing import CReSTWeights
 from nnssl.losses.cps import cross_pseudo_supervision_loss
-from nnssl.training.class_statistics import rounded
 from nnssl.training.class_weighted_cps import ClassWeightedCPSTrainer
 from nnssl.training.step import SSLTerms
 
@@ -29,15 +28,8 @@ class nnUNetTrainerCReST(ClassWeightedCPSTrainer):
     # which rows count for the weight update: the unlabeled half (CReST) or the whole batch (SimiS)
     weights_from_whole_batch: bool = False
 
-    def build_class_state(self) -> None:
-        self.class_weights = self.register_state(self.log_prefix, self.weights_class(self.num_classes, self.momentum))
-
-    def initialise_class_state(self) -> None:
-        if not self.class_weights.initialised:
-            counts = self.labeled_class_counts()
-            self.class_weights.initialise(counts)
-            self.print_to_log_file(f"{self.log_prefix}: class weights from labeled training voxels {counts.tolist()}"
-                                   f": {rounded(self.class_weights.weights[0])}")
+    def make_class_state(self) -> CReSTWeights:
+        return self.weights_class(self.num_classes, self.momentum)
 
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         self.initialise_class_state()
@@ -45,7 +37,7 @@ class nnUNetTrainerCReST(ClassWeightedCPSTrainer):
         outputs_a, outputs_b = self.forward_pair(data, unlabeled)
         full_a, full_b = outputs_a[0], outputs_b[0]
         start = 0 if self.weights_from_whole_batch else n_l
-        weights_a, weights_b = self.class_weights.update(full_a[start:], full_b[start:])
+        weights_a, weights_b = self.class_state.update(full_a[start:], full_b[start:])
         supervised_a = self.class_weighted_supervised_loss(outputs_a, target, n_l, weights_a)
         supervised_b = self.class_weighted_supervised_loss(outputs_b, target, n_l, weights_b)
         cps = cross_pseudo_supervision_loss(full_a, full_b, weights_a, weights_b)

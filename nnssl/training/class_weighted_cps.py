@@ -33,8 +33,8 @@ class DHCEpochRamp:
 
 
 class ClassWeightedCPSTrainer(DHCEpochRamp, nnUNetTrainerSSLBase):
-    """Base of CPS trainers whose supervised DC+CE is class-weighted (see the module doc). Subclasses build their
-    per-class state in :meth:`build_class_state` and implement ``ssl_terms`` with :meth:`forward_pair`,
+    """Base of CPS trainers whose supervised DC+CE is class-weighted (see the module doc). Subclasses return their
+    per-class state from :meth:`make_class_state` and implement ``ssl_terms`` with :meth:`forward_pair`,
     :meth:`class_weighted_supervised_loss` and :meth:`pair_terms`."""
 
     second_network = "xavier"  # DHC's zoo scripts: A kaiming-normal, B xavier-normal
@@ -48,14 +48,21 @@ class ClassWeightedCPSTrainer(DHCEpochRamp, nnUNetTrainerSSLBase):
         weighted = ClassWeightedDCandCELoss(batch_dice=self.configuration_manager.batch_dice)
         self.class_weighted_loss = DeepSupervisionWrapper(weighted, self.loss.weight_factors) \
             if isinstance(self.loss, DeepSupervisionWrapper) else weighted
-        self.build_class_state()
+        self.class_state = self.register_state(self.log_prefix, self.make_class_state())
 
-    def build_class_state(self) -> None:
-        """Hook: register the method's per-class state (``register_state``)."""
+    def make_class_state(self):
+        """Hook: the method's per-class state, registered as ``extra_state[log_prefix]`` (``self.class_state``):
+        ``state_dict`` / ``load_state_dict``, ``initialised`` and ``initialise(labeled_counts)``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement make_class_state")
 
     def initialise_class_state(self) -> None:
-        """Hook: start the per-class state from :meth:`labeled_class_counts` unless it is set (or restored by
-        ``--c``); called at the start of training and before every step (must be cheap once set)."""
+        """Start the per-class state from :meth:`labeled_class_counts` unless it is set (or restored by ``--c``);
+        called at the start of training and before every step (cheap once set)."""
+        if not self.class_state.initialised:
+            counts = self.labeled_class_counts()
+            self.class_state.initialise(counts)
+            self.print_to_log_file(f"{self.log_prefix}: per-class state initialised from the labeled training "
+                                   f"voxels {counts.tolist()}")
 
     def on_train_start(self):
         super().on_train_start()

@@ -128,12 +128,12 @@ def trainer(tmp_path, monkeypatch) -> nnUNetTrainerCLD:
 def test_trainer_weights_from_the_fold_and_banks_updated_every_8_steps(trainer):
     trainer.initialise_class_state()
     counts = torch.tensor([2 * 128 - 70 - 6, 70, 6], dtype=torch.float64)
-    assert torch.allclose(trainer.statistics.class_weights, ((counts.max() / counts) ** (1 / 3)).float())
-    start = trainer.statistics.bank_a.confidences.clone()
+    assert torch.allclose(trainer.class_state.class_weights, ((counts.max() / counts) ** (1 / 3)).float())
+    start = trainer.class_state.bank_a.confidences.clone()
     for step in range(8):
         trainer.train_step(tiny.tiny_batch(torch.Generator().manual_seed(step)))
-        assert torch.equal(trainer.statistics.bank_a.confidences, start) == (step < 7)
-    assert trainer.statistics.bank_a.records == 8
+        assert torch.equal(trainer.class_state.bank_a.confidences, start) == (step < 7)
+    assert trainer.class_state.bank_a.records == 8
 
 
 def test_trainer_steps_log_and_checkpoint(trainer):

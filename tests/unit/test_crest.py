@@ -107,7 +107,7 @@ def test_trainer_networks_ramp_and_initial_weights(trainer):
     assert values[4] == pytest.approx(0.1 * sigmoid_rampup(3, 10)) and values[11] == pytest.approx(0.1)
     trainer.initialise_class_state()
     counts = [2 * 128 - 70 - 6, 70, 6]  # the two training cases of the fold, not the validation case
-    assert torch.allclose(trainer.class_weights.weights[0], torch.tensor(dhc_crest_weights(counts)).float())
+    assert torch.allclose(trainer.class_state.weights[0], torch.tensor(dhc_crest_weights(counts)).float())
 
 
 def test_trainer_steps_log_and_checkpoint(trainer):

@@ -75,17 +75,17 @@ def trainer(tmp_path, monkeypatch) -> nnUNetTrainerSimiS:
 
 def test_trainer_counts_the_whole_batch(trainer):
     trainer.initialise_class_state()
-    before = trainer.class_weights.weights.clone()
+    before = trainer.class_state.weights.clone()
     captured = {}
-    update = trainer.class_weights.update
+    update = trainer.class_state.update
 
     def spy(logits_a, logits_b):
         captured["rows"] = logits_a.shape[0]
         return update(logits_a, logits_b)
 
-    trainer.class_weights.update = spy
+    trainer.class_state.update = spy
     trainer.train_step(tiny.tiny_batch(torch.Generator().manual_seed(0), n_labeled=2, n_unlabeled=3))
-    assert captured["rows"] == 5 and not torch.equal(before, trainer.class_weights.weights)
+    assert captured["rows"] == 5 and not torch.equal(before, trainer.class_state.weights)
 
 
 def test_trainer_steps_log_and_checkpoint(trainer):
