@@ -6,20 +6,28 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import tiny_trainer as tiny
 import torch
 from e2e_utils import assert_nested_equal
+from test_training_base import HostSyncCounter
 
 COMMON_KEYS = {"loss", "loss_supervised", "loss_unsupervised", "unsupervised_weight", "pseudo_label_confidence",
                "fraction_above_threshold", "agreement"}
 
 
 def train_steps(trainer, steps: int = 3, seed: int = 0) -> list[dict]:
-    """``steps`` train steps on tiny joint batches; every logged value finite, the common keys and the method's
-    own ``<prefix>_loss_supervised_a/_b`` present."""
+    """``steps`` train steps on tiny joint batches, each with one host synchronisation (the step log's); every
+    logged value finite, the common keys and the method's own ``<prefix>_loss_supervised_a/_b`` present."""
     trainer.on_train_epoch_start()
-    outputs = [trainer.train_step(tiny.tiny_batch(torch.Generator().manual_seed(seed + s))) for s in range(steps)]
+    outputs = []
+    for s in range(steps):
+        batch = tiny.tiny_batch(torch.Generator().manual_seed(seed + s))
+        with pytest.MonkeyPatch.context() as patch:
+            counter = HostSyncCounter(patch)
+            outputs.append(trainer.train_step(batch))
+        assert counter.calls == 1, f"step {s}: {counter.calls} host synchronisations"
     prefix = trainer.log_prefix
     for out in outputs:
         assert COMMON_KEYS | {f"{prefix}_loss_supervised_a", f"{prefix}_loss_supervised_b"} <= set(out)
@@ -43,3 +51,9 @@ def reload_from_checkpoint(trainer, tmp_path, monkeypatch):
     for part in ("extra_networks", "extra_optimizers", "extra_state", "global_iteration"):
         assert_nested_equal(restored[part], saved[part], part)
     return fresh
+
+
+def np_softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over axis 1 in numpy (the tests' transcriptions of DHC's scripts)."""
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

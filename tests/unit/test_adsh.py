@@ -9,7 +9,7 @@ import pytest
 import tiny_trainer as tiny
 import torch
 import torch.nn.functional as F
-from dhc_zoo_checks import reload_from_checkpoint, train_steps
+from dhc_zoo_checks import np_softmax, reload_from_checkpoint, train_steps
 
 from nnssl.losses.adsh import (
     AdaptiveThresholds,
@@ -24,11 +24,6 @@ K = 3
 SPATIAL = (4, 5)
 
 
-def _np_softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class _DHCBank:
     """numpy transcription of DHC ``ADSH`` (get_thresholds with thresh_major 0.9, float32 counts and ρ)."""
 
@@ -39,7 +34,7 @@ class _DHCBank:
     def get_thresholds(self, output: np.ndarray) -> np.ndarray:
         bsz = output.shape[0]
         if self.cur_iter < self.tot_iter - 1:
-            self.scores[self.cur_iter:self.cur_iter + bsz] = _np_softmax(output)
+            self.scores[self.cur_iter:self.cur_iter + bsz] = np_softmax(output)
             self.cur_iter += bsz
             return self.thresholds.copy()
         scores = self.scores.reshape(self.tot_iter, K, -1)
@@ -112,7 +107,7 @@ def test_loss_matches_dhc_and_gradients_reach_only_kept_logits():
     a, b, ma, mb = (t.detach().double().numpy() for t in (z_a, z_b, mask_a, mask_b))
 
     def ce(z, t):  # ClassDependent_WeightedCrossEntropyLoss: CE(input * weight_map, target), mean over voxels
-        return -np.take_along_axis(np.log(_np_softmax(z)), t[:, None], 1).mean()
+        return -np.take_along_axis(np.log(np_softmax(z)), t[:, None], 1).mean()
 
     expected = ce(a * mb, b.argmax(1)) + ce(b * ma, a.argmax(1))
     assert loss.item() == pytest.approx(expected, rel=1e-5)

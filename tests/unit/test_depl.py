@@ -9,7 +9,7 @@ import pytest
 import tiny_trainer as tiny
 import torch
 import torch.nn.functional as F
-from dhc_zoo_checks import reload_from_checkpoint, train_steps
+from dhc_zoo_checks import np_softmax, reload_from_checkpoint, train_steps
 
 from nnssl.losses.depl import DebiasedPseudoLabels
 from nnssl.losses.masked_ce import masked_cps_loss, masked_cross_entropy
@@ -19,24 +19,19 @@ K = 3
 SPATIAL = (4, 5)
 
 
-def _np_softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def _np_ce(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
-    log_p = np.log(_np_softmax(logits))
+    log_p = np.log(np_softmax(logits))
     return -np.take_along_axis(log_p, target[:, None], axis=1)[:, 0]
 
 
 def _dhc_step(z_a: np.ndarray, z_b: np.ndarray, q_a: np.ndarray, q_b: np.ndarray, n_l: int):
     """One step of train_depl.py's CPS part in numpy (float64): causal_inference (tau 1), ge(0.9) masks, update_qhat
     (momentum 0.99, unlabeled half) and WeightedCrossEntropyLoss (mean of CE · mask over all voxels)."""
-    qt_a, qt_b = _np_softmax(z_a - np.log(q_a)), _np_softmax(z_b - np.log(q_b))
+    qt_a, qt_b = np_softmax(z_a - np.log(q_a)), np_softmax(z_b - np.log(q_b))
     t_a, t_b = qt_a.argmax(1), qt_b.argmax(1)
     m_a, m_b = (qt_a.max(1) >= 0.9).astype(float), (qt_b.max(1) >= 0.9).astype(float)
-    q_a = 0.99 * q_a + 0.01 * _np_softmax(z_a[n_l:]).mean(0, keepdims=True)
-    q_b = 0.99 * q_b + 0.01 * _np_softmax(z_b[n_l:]).mean(0, keepdims=True)
+    q_a = 0.99 * q_a + 0.01 * np_softmax(z_a[n_l:]).mean(0, keepdims=True)
+    q_b = 0.99 * q_b + 0.01 * np_softmax(z_b[n_l:]).mean(0, keepdims=True)
     loss = (_np_ce(z_a, t_b) * m_b).mean() + (_np_ce(z_b, t_a) * m_a).mean()
     return loss, q_a, q_b
 
