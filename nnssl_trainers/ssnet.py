@@ -5,7 +5,7 @@ from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channe
 from nnssl.networks.ssnet_heads import SSNetHeads
 from nnssl.ramps import ConsistencyWeight
 from nnssl.tensors import as_list, unwrap
-from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.base import UnsupportedByTrainer, nnUNetTrainerSSLBase
 from nnssl.training.step import SSLTerms
 
 
@@ -22,8 +22,8 @@ class nnUNetTrainerSSNet(nnUNetTrainerSSLBase):
     features come from a forward hook (:class:`~nnssl.networks.feature_tap.DecoderFeatureTap`); the heads
     (projection, prediction, 2K selectors: :class:`~nnssl.networks.ssnet_heads.SSNetHeads`) are the extra
     trainable network ``ssnet_heads`` (own optimizer with nnU-Net's settings), the memory is the registered state
-    ``ssnet_memory``. ``nnUNetv2_predict`` uses ``self.network`` (the plain plans architecture). Deviations from
-    ``train_ssnet.py`` and why: docs/methods/ssnet.md.
+    ``ssnet_memory``; DDP is refused. ``nnUNetv2_predict`` uses ``self.network`` (the plain plans architecture).
+    Deviations from ``train_ssnet.py`` and why: docs/methods/ssnet.md.
     """
 
     unsupervised_weight = 0.1
@@ -38,6 +38,9 @@ class nnUNetTrainerSSNet(nnUNetTrainerSSLBase):
     unsupported_reason = "the class memory and the Dice over classes need plain label classes"
 
     def build_extra_networks(self) -> None:
+        if self.is_ddp:  # SyncBatchNorm in per-class heads called a data-dependent number of times would hang
+            raise UnsupportedByTrainer(f"{type(self).__name__} does not support DDP: its per-class heads run a "
+                                       f"data-dependent number of times on each rank")
         self.feature_tap = DecoderFeatureTap(self.network)
         num_classes = self.label_manager.num_segmentation_heads
         heads = SSNetHeads(decoder_feature_channels(self.network), num_classes).to(self.device)

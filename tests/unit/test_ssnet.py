@@ -22,6 +22,7 @@ from nnssl.losses.ssnet import (
     ssnet_contrastive_terms,
 )
 from nnssl.networks.ssnet_heads import SSNetHeads
+from nnssl.training.base import UnsupportedByTrainer
 from nnssl_trainers.ssnet import nnUNetTrainerSSNet
 
 K = 3
@@ -203,3 +204,10 @@ def test_train_step_logs_and_memory_survives_a_checkpoint(tmp_path, monkeypatch)
     assert torch.equal(fresh.memory.memory[1], trainer.memory.memory[1]) and fresh.memory.memory[0] is None
     heads = trainer.extra_networks["ssnet_heads"].state_dict()
     assert all(torch.equal(fresh.extra_networks["ssnet_heads"].state_dict()[k], v) for k, v in heads.items())
+
+
+def test_ddp_is_refused(tmp_path, monkeypatch):
+    trainer = tiny.two_case_trainer(nnUNetTrainerSSNet, tmp_path, monkeypatch)
+    trainer.is_ddp = True  # as nnU-Net sets it under torchrun
+    with pytest.raises(UnsupportedByTrainer, match="does not support DDP"):
+        trainer.build_extra_networks()

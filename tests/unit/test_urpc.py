@@ -14,6 +14,7 @@ from torch import nn
 
 from nnssl.losses.urpc import upsample_logits, urpc_consistency
 from nnssl.training.base import UnsupportedByTrainer
+from nnssl_trainers.uamt import nnUNetTrainerUAMT
 from nnssl_trainers.urpc import nnUNetTrainerURPC
 
 K = 3
@@ -105,3 +106,18 @@ def test_refused_without_deep_supervision(tmp_path, monkeypatch):
     trainer.enable_deep_supervision = False  # as a subclass switching it off in __init__ would
     with pytest.raises(UnsupportedByTrainer, match="needs deep supervision"):
         trainer.build_extra_networks()
+
+
+
+@pytest.mark.parametrize("trainer_class", [nnUNetTrainerURPC, nnUNetTrainerUAMT])
+def test_one_host_synchronisation_per_step(trainer_class, tmp_path, monkeypatch):
+    """URPC and UA-MT (whose test file this would repeat) keep the base's single host synchronisation."""
+    from test_training_base import HostSyncCounter
+
+    trainer = tiny.two_case_trainer(trainer_class, tmp_path, monkeypatch)
+    trainer.on_train_epoch_start()
+    batch = tiny.tiny_batch(torch.Generator().manual_seed(0))
+    counter = HostSyncCounter(monkeypatch)
+    trainer.train_step(batch)
+    monkeypatch.undo()
+    assert counter.calls == 1
