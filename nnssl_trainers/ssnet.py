@@ -10,7 +10,7 @@ from nnssl.training.step import SSLTerms
 
 
 class nnUNetTrainerSSNet(nnUNetTrainerSSLBase):
-    """SS-Net, smoothness and class separation (Wu et al., MICCAI 2022, Eq. 1-4) as DHC's method zoo runs it
+    """SS-Net, smoothness and class separation (Wu et al., MICCAI 2022) as DHC's method zoo runs it
     (``xmed-lab/DHC code/train_ssnet.py``, launched ``-r -w 0.1``; docs/methods/ssnet.md)::
 
         L = DC+CE_ds(f(x_l), y) + λ(e) · (L_vat + 0.1 · (L_c,l + L_c,u)),   λ(e) = 0.1 · r(max(e - 1, 0), E)

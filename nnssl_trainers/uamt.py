@@ -9,8 +9,8 @@ from nnssl.training.step import SSLTerms
 
 
 class nnUNetTrainerUAMT(nnUNetTrainerSSLBase):
-    """UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019, Sec. 2.2, Eq. 2-3) as DHC's method zoo runs
-    it (``xmed-lab/DHC code/train_uamt.py``, launched ``-r -w 0.1``; docs/methods/uamt.md)::
+    """UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019) as DHC's method zoo runs it
+    (``xmed-lab/DHC code/train_uamt.py``, launched ``-r -w 0.1``; docs/methods/uamt.md)::
 
         L = DC+CE(f_s(x_l), y) + λ(e) · Σ[U < τ(e)] (p_s(x_u) - p_t(x_u + ξ))² / (2 Σ[U < τ(e)] + 1e-16)
         U = -Σ_c p̄ log(p̄ + 1e-6),  p̄ = mean of 8 teacher softmaxes of x_u + ξ_t,  ξ = clamp(N(0, 0.1²), ±0.2)

@@ -8,7 +8,7 @@ from nnssl.training.step import SSLTerms
 
 
 class nnUNetTrainerURPC(nnUNetTrainerSSLBase):
-    """URPC, uncertainty rectified pyramid consistency (Luo et al., MICCAI 2021, Sec. 2.2, Eq. 3-5) as DHC's
+    """URPC, uncertainty rectified pyramid consistency (Luo et al., MICCAI 2021) as DHC's
     method zoo runs it (``xmed-lab/DHC code/train_urpc.py``, launched ``-r -w 0.1``; docs/methods/urpc.md)::
 
         p_i = softmax(up(z_i(x_u))),  i = 1..4: nnU-Net's four highest-resolution deep-supervision outputs

@@ -1,6 +1,6 @@
 """SS-Net's terms (Wu et al., "Exploring Smoothness and Class-Separation for Semi-supervised Medical Image
-Segmentation", MICCAI 2022, Sec. 2.1-2.2, Eq. 1-4) as DHC's method zoo runs them (``xmed-lab/DHC
-code/train_ssnet.py``; docs/methods/ssnet.md)::
+Segmentation", MICCAI 2022: its virtual-adversarial smoothness and class-separation losses) as DHC's method zoo
+runs them (``xmed-lab/DHC code/train_ssnet.py``; docs/methods/ssnet.md)::
 
     L_vat = 1 - Dice_bg(softmax f(x + ε d_adv), sg softmax f(x)),   d_adv = ∇_d Dice-loss at x + ξ d, d random unit
     Dice_bg(p, q) = mean_c (2 Σ p q + s) / (2 Σ p q + Σ p(1-q) + Σ (1-p) q + s + 1e-8),  s = 1e-8, all classes

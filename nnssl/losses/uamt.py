@@ -1,6 +1,6 @@
 """Uncertainty-aware Mean Teacher (UA-MT) consistency (Yu et al., "Uncertainty-aware Self-ensembling Model for
-Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019, Sec. 2.2, Eq. 2-3), as DHC's method zoo runs it
-(``xmed-lab/DHC code/train_uamt.py``; docs/methods/uamt.md)::
+Semi-supervised 3D Left Atrium Segmentation", MICCAI 2019: its Monte-Carlo uncertainty and uncertainty-aware
+consistency equations), as DHC's method zoo runs it (``xmed-lab/DHC code/train_uamt.py``; docs/methods/uamt.md)::
 
     p̄ = (1/T) Σ_t softmax(f_teacher(x_u + ξ_t)),   ξ_t = clamp(N(0, 0.1²), -0.2, 0.2),  T = 8
     U = -Σ_c p̄_c log(p̄_c + 1e-6)                                      per voxel
@@ -26,7 +26,7 @@ from nnssl.ramps import sigmoid_rampup
 
 def uncertainty_threshold(epoch: int, max_epoch: int, max_entropy: float = math.log(2)) -> float:
     """``τ(e) = (0.75 + 0.25 · sigmoid_rampup(e, E)) · max_entropy`` (DHC ``train_uamt.py``: ``max_entropy = ln 2``
-    whatever the number of classes; UA-MT Sec. 2.2 for two classes)."""
+    whatever the number of classes; UA-MT's paper for two classes)."""
     if max_entropy <= 0:
         raise ValueError(f"max_entropy must be > 0, got {max_entropy!r}")
     return (0.75 + 0.25 * sigmoid_rampup(epoch, max_epoch)) * max_entropy

@@ -1,6 +1,7 @@
 """Uncertainty rectified pyramid consistency (URPC; Luo et al., "Efficient Semi-supervised Gross Target Volume of
-Nasopharyngeal Carcinoma Segmentation via Uncertainty Rectified Pyramid Consistency", MICCAI 2021, Sec. 2.2,
-Eq. 3-5), as DHC's method zoo runs it (``xmed-lab/DHC code/train_urpc.py``; docs/methods/urpc.md)::
+Nasopharyngeal Carcinoma Segmentation via Uncertainty Rectified Pyramid Consistency", MICCAI 2021: its uncertainty
+rectified consistency equations), as DHC's method zoo runs it (``xmed-lab/DHC code/train_urpc.py``;
+docs/methods/urpc.md)::
 
     p_i = softmax(z_i),  z_i the i-th pyramid output upsampled to full resolution,  i = 1..S
     P = (1/S) Σ_i p_i                                     not detached: gradients flow through P too

@@ -211,3 +211,13 @@ def test_ddp_is_refused(tmp_path, monkeypatch):
     trainer.is_ddp = True  # as nnU-Net sets it under torchrun
     with pytest.raises(UnsupportedByTrainer, match="does not support DDP"):
         trainer.build_extra_networks()
+
+
+def test_vat_under_bf16_autocast():
+    torch.manual_seed(4)
+    net, x = _Net(), torch.randn(2, 1, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = VirtualAdversarialDice()(net, x)
+    loss.backward()
+    assert loss.dtype == torch.float32 and 0 <= loss.item() <= 1
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
