@@ -59,9 +59,11 @@ class DebiasedPseudoLabels(nn.Module):
 
     @torch.no_grad()
     def debiased_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """``sg(z) − τ log q̂`` in float32: logits whose softmax is ``q̃``."""
+        """``sg(z) − τ log q̂`` in float32: logits whose softmax is ``q̃``. ``q̂`` is clamped at the smallest normal
+        float32 inside the log: a class whose probability underflowed to 0 for thousands of steps would otherwise make
+        ``log q̂ = −inf`` and the pseudo-labels NaN (DHC has no guard)."""
         self._check(logits)
-        return logits.detach().float() - self.tau * torch.log(self.qhat)
+        return logits.detach().float() - self.tau * torch.log(self.qhat.clamp_min(torch.finfo(torch.float32).tiny))
 
     @torch.no_grad()
     def pseudo_labels(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

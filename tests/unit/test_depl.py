@@ -71,6 +71,13 @@ def test_uniform_prior_keeps_the_argmax_and_a_biased_prior_moves_it():
     assert (prior.pseudo_labels(z)[0] != 0).all()
 
 
+def test_a_prior_that_underflowed_to_zero_gives_finite_pseudo_labels():
+    prior = DebiasedPseudoLabels(K, SPATIAL)
+    prior.qhat[:, 1] = 0.0  # DHC: log(0) = -inf, z + inf = inf, softmax NaN
+    target, mask = prior.pseudo_labels(torch.randn(2, K, *SPATIAL))
+    assert (target == 1).all() and mask.eq(1).all()
+
+
 def test_threshold_is_inclusive_like_ge():
     prior = DebiasedPseudoLabels(2, (1,), threshold=0.5)
     _, mask = prior.pseudo_labels(torch.zeros(1, 2, 1))  # q̃ = (0.5, 0.5): max == threshold
