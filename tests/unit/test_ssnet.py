@@ -11,6 +11,7 @@ import pytest
 import tiny_trainer as tiny
 import torch
 import torch.nn.functional as F
+from dhc_zoo_checks import reload_from_checkpoint
 from torch import nn
 
 from nnssl.losses.ssnet import (
@@ -198,9 +199,7 @@ def test_train_step_logs_and_memory_survives_a_checkpoint(tmp_path, monkeypatch)
         last["ssnet_loss_contrastive_labeled"] + last["ssnet_loss_contrastive_unlabeled"]), rel=1e-5)
     assert 0.0 <= last["ssnet_loss_vat"] <= 1.0
     trainer.memory.memory[1] = torch.randn(3, 8)  # feature dim 2 x 4 decoder channels of the tiny plans
-    state = trainer.ssl_state_dict()
-    fresh = tiny.two_case_trainer(nnUNetTrainerSSNet, tmp_path / "fresh", monkeypatch)
-    fresh.load_ssl_state_dict(state)
+    fresh = reload_from_checkpoint(trainer, tmp_path, monkeypatch)  # nnU-Net's checkpoint file, as --c reads it
     assert torch.equal(fresh.memory.memory[1], trainer.memory.memory[1]) and fresh.memory.memory[0] is None
     heads = trainer.extra_networks["ssnet_heads"].state_dict()
     assert all(torch.equal(fresh.extra_networks["ssnet_heads"].state_dict()[k], v) for k, v in heads.items())

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tiny_trainer as tiny
 import torch
+from dhc_zoo_checks import np_softmax, reload_from_checkpoint
 
 from nnssl.losses.uamt import UncertaintyAwareConsistency, predictive_entropy, uncertainty_threshold
 from nnssl.ramps import sigmoid_rampup
@@ -18,15 +19,10 @@ from nnssl_trainers.uamt import nnUNetTrainerUAMT
 K = 4
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
-
-
 def _dhc_consistency(student: np.ndarray, teacher: np.ndarray, uncertainty: np.ndarray, threshold: float) -> float:
     # train_uamt.py: consistency_dist = softmax_mse_loss(outputs[tmp_bs:], ema_output); mask = (uncertainty <
     # threshold).float(); consistency_loss = torch.sum(mask*consistency_dist)/(2*torch.sum(mask)+1e-16)
-    dist = (_softmax(student) - _softmax(teacher)) ** 2
+    dist = (np_softmax(student) - np_softmax(teacher)) ** 2
     mask = (uncertainty < threshold).astype(np.float64)
     return float((mask * dist).sum() / (2 * mask.sum() + 1e-16))
 
@@ -56,7 +52,7 @@ def _dhc_uncertainty(teacher, image_u: torch.Tensor, num_cls: int) -> np.ndarray
     for i in range(t // 2):
         inputs = batch_r + torch.clamp(torch.randn_like(batch_r) * 0.1, -0.2, 0.2)
         preds[2 * stride * i:2 * stride * (i + 1)] = teacher(inputs)
-    preds = _softmax(preds.double().numpy()).reshape(t, stride, num_cls, *image_u.shape[2:]).mean(0)
+    preds = np_softmax(preds.double().numpy()).reshape(t, stride, num_cls, *image_u.shape[2:]).mean(0)
     return -(preds * np.log(preds + 1e-6)).sum(1, keepdims=True)
 
 
@@ -147,9 +143,7 @@ def test_train_step_logs_and_teacher_survives_a_checkpoint(trainer, tmp_path, mo
     assert all(math.isfinite(float(v)) for v in outputs[1].values())
     assert outputs[0]["uamt_threshold"] == pytest.approx(uncertainty_threshold(2, trainer.num_epochs))
     assert 0.0 <= outputs[0]["uamt_certain_fraction"] <= 1.0 and trainer.global_iteration == 2
-    state = trainer.ssl_state_dict()
-    fresh = tiny.two_case_trainer(nnUNetTrainerUAMT, tmp_path / "fresh", monkeypatch)
-    fresh.load_ssl_state_dict(state)
+    fresh = reload_from_checkpoint(trainer, tmp_path, monkeypatch)  # nnU-Net's checkpoint file, as --c reads it
     for key, value in trainer.teacher.state_dict().items():
         assert torch.equal(fresh.teacher.state_dict()[key], value), key
     assert fresh.global_iteration == 2

@@ -10,6 +10,7 @@ import pytest
 import tiny_trainer as tiny
 import torch
 import torch.nn.functional as F
+from dhc_zoo_checks import reload_from_checkpoint
 from torch import nn
 
 from nnssl.losses.urpc import upsample_logits, urpc_consistency
@@ -96,9 +97,7 @@ def test_train_step_uses_the_deep_supervision_pyramid_and_checkpoint(tmp_path, m
     assert outputs[0]["loss_unsupervised"] > 0
     trainer.num_epochs, trainer.current_epoch = 10, 4
     assert trainer.current_unsupervised_weight() == pytest.approx(0.1 * math.exp(-5 * (1 - 3 / 10) ** 2))
-    fresh = tiny.two_case_trainer(nnUNetTrainerURPC, tmp_path / "fresh", monkeypatch)
-    fresh.load_ssl_state_dict(trainer.ssl_state_dict())
-    assert fresh.global_iteration == 2
+    assert reload_from_checkpoint(trainer, tmp_path, monkeypatch).global_iteration == 2
 
 
 def test_refused_without_deep_supervision(tmp_path, monkeypatch):
