@@ -3,13 +3,13 @@ import torch
 from nnssl.losses.ssnet import FeatureMemory, VirtualAdversarialDice, ssnet_contrastive_terms
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
 from nnssl.networks.ssnet_heads import SSNetHeads
-from nnssl.ramps import ConsistencyWeight
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import UnsupportedByTrainer, nnUNetTrainerSSLBase
+from nnssl.training.class_weighted_cps import DHCEpochRamp
 from nnssl.training.step import SSLTerms
 
 
-class nnUNetTrainerSSNet(nnUNetTrainerSSLBase):
+class nnUNetTrainerSSNet(DHCEpochRamp, nnUNetTrainerSSLBase):
     """SS-Net, smoothness and class separation (Wu et al., MICCAI 2022) as DHC's method zoo runs it
     (``xmed-lab/DHC code/train_ssnet.py``, launched ``-r -w 0.1``; docs/methods/ssnet.md)::
 
@@ -27,7 +27,6 @@ class nnUNetTrainerSSNet(nnUNetTrainerSSLBase):
     """
 
     unsupervised_weight = 0.1
-    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
     contrastive_weight: float = 0.1
     memory_per_class: int = 32
     vat_xi: float = 10.0
@@ -47,11 +46,6 @@ class nnUNetTrainerSSNet(nnUNetTrainerSSLBase):
         self.register_extra_network("ssnet_heads", heads, trainable=True)
         self.memory = self.register_state("ssnet_memory", FeatureMemory(num_classes, self.memory_per_class))
         self.vat = VirtualAdversarialDice(self.vat_xi, self.vat_epsilon)
-
-    def weight_schedule(self) -> ConsistencyWeight:
-        """DHC's ``cps_w``: ``0.1 · sigmoid_rampup(max(epoch - 1, 0), E)`` (recomputed after each epoch)."""
-        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
-        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
 
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         n_l = data.shape[0]

@@ -2,13 +2,13 @@ import torch
 
 from nnssl.ema import update_ema_
 from nnssl.losses.uamt import UncertaintyAwareConsistency, uncertainty_threshold
-from nnssl.ramps import ConsistencyWeight
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.class_weighted_cps import DHCEpochRamp
 from nnssl.training.step import SSLTerms
 
 
-class nnUNetTrainerUAMT(nnUNetTrainerSSLBase):
+class nnUNetTrainerUAMT(DHCEpochRamp, nnUNetTrainerSSLBase):
     """UA-MT, uncertainty-aware Mean Teacher (Yu et al., MICCAI 2019) as DHC's method zoo runs it
     (``xmed-lab/DHC code/train_uamt.py``, launched ``-r -w 0.1``; docs/methods/uamt.md)::
 
@@ -39,10 +39,6 @@ class nnUNetTrainerUAMT(nnUNetTrainerSSLBase):
 
     def ramp_length(self) -> int:
         return self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
-
-    def weight_schedule(self) -> ConsistencyWeight:
-        """DHC's ``cps_w``: ``0.1 · sigmoid_rampup(max(epoch - 1, 0), E)`` (recomputed after each epoch)."""
-        return ConsistencyWeight(self.unsupervised_weight, self.ramp_length(), unit="epoch", delay=1)
 
     def after_optimizer_step(self) -> None:
         """DHC ``update_ema_variables(model, ema_model, 0.99, epoch_num)``: the EMA's step counter is the epoch."""

@@ -1,13 +1,13 @@
 import torch
 
 from nnssl.losses.urpc import upsample_logits, urpc_consistency
-from nnssl.ramps import ConsistencyWeight
 from nnssl.tensors import as_list
 from nnssl.training.base import UnsupportedByTrainer, nnUNetTrainerSSLBase
+from nnssl.training.class_weighted_cps import DHCEpochRamp
 from nnssl.training.step import SSLTerms
 
 
-class nnUNetTrainerURPC(nnUNetTrainerSSLBase):
+class nnUNetTrainerURPC(DHCEpochRamp, nnUNetTrainerSSLBase):
     """URPC, uncertainty rectified pyramid consistency (Luo et al., MICCAI 2021) as DHC's
     method zoo runs it (``xmed-lab/DHC code/train_urpc.py``, launched ``-r -w 0.1``; docs/methods/urpc.md)::
 
@@ -23,7 +23,6 @@ class nnUNetTrainerURPC(nnUNetTrainerSSLBase):
     """
 
     unsupervised_weight = 0.1
-    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
     pyramid_levels: int = 4
     log_prefix = "urpc"
     supports_regions = False
@@ -33,11 +32,6 @@ class nnUNetTrainerURPC(nnUNetTrainerSSLBase):
         if not self.enable_deep_supervision:
             raise UnsupportedByTrainer(f"{type(self).__name__} needs deep supervision: its pyramid is nnU-Net's "
                                        f"deep-supervision outputs")
-
-    def weight_schedule(self) -> ConsistencyWeight:
-        """DHC's ``cps_w``: ``0.1 · sigmoid_rampup(max(epoch - 1, 0), E)`` (recomputed after each epoch)."""
-        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
-        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
 
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         n_l = data.shape[0]
