@@ -89,6 +89,17 @@ SSL_TRAINERS = (
     "nnUNetTrainerDHC",
     "nnUNetTrainerMGCC",
     "nnUNetTrainerPseudoLabelFinetune",
+    # DHC's method zoo (xmed-lab/DHC train_<method>.py)
+    "nnUNetTrainerUAMT",
+    "nnUNetTrainerURPC",
+    "nnUNetTrainerSSNet",
+    "nnUNetTrainerDST",
+    "nnUNetTrainerDePL",
+    "nnUNetTrainerAdsh",
+    "nnUNetTrainerCReST",
+    "nnUNetTrainerSimiS",
+    "nnUNetTrainerCLD",
+    "nnUNetTrainerBasak",
 )
 PSEUDO_LABEL_TRAINER = "nnUNetTrainerPseudoLabelFinetune"
 PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
