@@ -25,6 +25,8 @@ converter, since the dataset has one channel.
 
 The new files are written to a staging folder inside the dataset, moved into ``imagesUnlabeled`` only after all
 were written, and ``ssl_split.json`` is then replaced atomically, so a failure leaves the dataset unchanged.
+:func:`add_cases` is this second half on its own (checks and write of given ``{case id: files}``), which
+``nnssl_generate_unlabeled`` uses for the images it generates.
 """
 
 from __future__ import annotations
@@ -210,10 +212,25 @@ def add_unlabeled(dataset_dir: str | os.PathLike, folder: str | os.PathLike, pre
     dataset_dir, folder = Path(dataset_dir), Path(folder)
     check_prefix(prefix)
     fmt = _dataset_format(dataset_dir)
-    split = load_split(dataset_dir / "ssl_split.json")
+    load_split(dataset_dir / "ssl_split.json")  # a broken split file is reported before the folder is read
     new = collect_cases(folder, fmt, prefix, log)
+    return add_cases(dataset_dir, new, str(folder), num_processes=num_processes, progress=progress)
+
+
+def add_cases(dataset_dir: str | os.PathLike, new: dict[str, list[Path]], source: str,
+              provenance: dict[str, dict] | None = None, num_processes: int = 1, progress: bool = True) -> list[str]:
+    """Add ``{case id: channel files}`` to ``dataset_dir`` as unlabeled cases (the checks and the atomic write of
+    the module docstring); shared by ``nnssl_add_unlabeled`` and ``nnssl_generate_unlabeled``.
+
+    ``source`` is counted under ``added_unlabeled`` in ssl_split.json; ``provenance`` (``{case id: {...}}``, e.g.
+    ``{"source": "generated", "model": ..., "seed": ...}``) is recorded under its ``provenance`` key."""
+    dataset_dir = Path(dataset_dir)
+    fmt = _dataset_format(dataset_dir)
+    split = load_split(dataset_dir / "ssl_split.json")
     roles = {"labeled": split.labeled, "unlabeled": split.unlabeled, "test": split.test,
              "val": list(split.extra.get("val", []))}
+    for case_id, paths in new.items():
+        check_case_id(case_id, str(paths[0]))
     clash = sorted(set(new) & _existing_ids(dataset_dir, fmt, roles))
     if clash:
         raise ConversionError(f"{new[clash[0]][0]}: case id '{clash[0]}' already exists in {dataset_dir} "
@@ -238,10 +255,13 @@ def add_unlabeled(dataset_dir: str | os.PathLike, folder: str | os.PathLike, pre
             os.replace(f, target / f.name)
         # labeled_fraction keeps describing the original pool (e.g. MGCC's 50 % of the real images)
         added = dict(split.extra.get("added_unlabeled", {}))
-        added[str(folder)] = added.get(str(folder), 0) + len(new)
+        added[source] = added.get(source, 0) + len(new)
+        extra = {**split.extra, "added_unlabeled": added}
+        if provenance:
+            extra["provenance"] = {**split.extra.get("provenance", {}), **provenance}
         save_split(SSLSplit(labeled=split.labeled, unlabeled=list(split.unlabeled) + list(new), test=split.test,
                             labeled_fraction=split.labeled_fraction, seed=split.seed, origin=split.origin,
-                            extra={**split.extra, "added_unlabeled": added}), dataset_dir / "ssl_split.json")
+                            extra=extra), dataset_dir / "ssl_split.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return list(new)
