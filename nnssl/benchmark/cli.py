@@ -210,8 +210,9 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
     tta = ["--disable_tta"] if disable_tta else []
     # on a CPU, nnU-Net's sequential mode (no worker processes, which cost more than a small test set's inference)
     workers = "0" if device == "cpu" else "1"
-    from nnssl.benchmark.launch import THEN
+    from nnssl.benchmark.launch import ENV_SEED, THEN
 
+    env = {**env, ENV_SEED: str(result.seed)}  # reproducible rows on a CPU (nnssl.benchmark.launch)
     _run([sys.executable, "-m", "nnssl.benchmark.launch", str(mem_file),
           "nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", device, *train_args,
           THEN, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(dataset_id), "-c",

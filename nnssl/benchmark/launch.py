@@ -6,6 +6,12 @@ what the ``nnUNetv2_train`` console script runs (same entry function, same argum
 same way. Peak RSS is this process's own (``getrusage(RUSAGE_SELF)``), which excludes nnU-Net's augmentation
 workers, the same for every trainer; CUDA memory is ``torch.cuda.max_memory_allocated``.
 
+With ``NNSSL_BENCHMARK_SEED`` set, Python's, numpy's and torch's global generators are seeded with it before the first
+command: nnU-Net seeds nothing itself, so with augmentation in this process (``nnUNet_n_proc_DA=0``, the
+benchmark's CPU setting) a row is then reproducible bit for bit on a CPU (initialisation, batch sampling,
+augmentation, the methods' own draws); the benchmark passes the row's seed. Worker processes
+(``nnUNet_n_proc_DA > 0``) and CUDA kernels stay non-deterministic.
+
 Prediction runs in the training process because importing nnU-Net (torch, torch._dynamo, timm through
 dynamic-network-architectures) costs about 6.5 s of one CPU core per process: once per benchmark row instead of twice.
 """
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import resource
 import sys
 import time
@@ -23,6 +30,7 @@ ENTRY_POINTS = {
     "nnUNetv2_predict": "nnunetv2.inference.predict_from_raw_data:predict_entry_point",
 }
 THEN = "--then"
+ENV_SEED = "NNSSL_BENCHMARK_SEED"
 
 
 def split_commands(argv: list[str]) -> list[list[str]]:
@@ -48,10 +56,25 @@ def run_entry_point(command: list[str]) -> None:
     entry()
 
 
+def seed_everything(seed: int) -> None:
+    """Seed the global generators every draw of a training comes from (Python, numpy, torch on every device)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def main() -> None:
     out, *rest = sys.argv[1:]
     first, *then = split_commands(rest)
     import torch
+
+    if os.environ.get(ENV_SEED, "") != "":
+        seed_everything(int(os.environ[ENV_SEED]))
 
     start = time.time()
     run_entry_point(first)

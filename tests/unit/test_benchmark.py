@@ -193,3 +193,24 @@ def test_benchmark_smoke_equal_time_budget(synthetic3d, tmp_path):
     again = run_cli(command, env)
     assert "nnssl_benchmark: speed calibration" not in again.stdout, again.stdout
     assert again.stdout.count("reusing finished row") == 3, again.stdout
+
+
+def test_launch_seeds_every_generator_from_the_environment(monkeypatch, tmp_path):
+    """NNSSL_BENCHMARK_SEED makes the draws of a launched training repeat: two launches with the same seed see the
+    same random numbers from Python, numpy and torch; another seed other numbers."""
+    import random
+
+    import torch
+
+    from nnssl.benchmark import launch
+
+    def draws(seed: str) -> list:
+        seen = []
+        monkeypatch.setattr(launch, "run_entry_point",
+                            lambda command: seen.append((random.random(), np.random.rand(), torch.rand(1).item())))
+        monkeypatch.setenv(launch.ENV_SEED, seed)
+        monkeypatch.setattr("sys.argv", ["launch", str(tmp_path / "m.json"), "nnUNetv2_train", "1", "2d", "0"])
+        launch.main()
+        return seen
+
+    assert draws("3") == draws("3") != draws("4")
