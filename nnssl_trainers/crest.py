@@ -1,12 +1,8 @@
-import torch
-
 from nnssl.losses.class_rebalancing import CReSTWeights
-from nnssl.losses.cps import cross_pseudo_supervision_loss
-from nnssl.training.class_weighted_cps import ClassWeightedCPSTrainer
-from nnssl.training.step import SSLTerms
+from nnssl.training.class_weighted_cps import RebalancedCPSTrainer
 
 
-class nnUNetTrainerCReST(ClassWeightedCPSTrainer):
+class nnUNetTrainerCReST(RebalancedCPSTrainer):
     """CReST class-rebalancing weights (Wei et al., CVPR 2021, Eq. 1) on DHC's CPS base, as DHC's method zoo runs it
     (``xmed-lab/DHC code/train_crest.py``; docs/methods/crest.md). Per iteration, on ``x = [x_l; x_u]``::
 
@@ -19,27 +15,9 @@ class nnUNetTrainerCReST(ClassWeightedCPSTrainer):
     ``CE_w`` is the weighted mean ``Σ w[ŷ] ce / Σ w[ŷ]`` (DHC ``wce``), on the whole batch; ``DCCE_w`` nnU-Net's
     Dice + CE with the same class weights (DHC ``w_ce+dice``) and deep supervision. Network A = ``self.network``
     (kaiming, used for inference), B = ``network2`` (xavier-normal, as DHC). The weights are registered state
-    (``extra_state['crest']``, restored by ``--c``). Weight rule: :mod:`nnssl.losses.class_rebalancing`.
+    (``extra_state['crest']``, restored by ``--c``). Weight rule: :mod:`nnssl.losses.class_rebalancing`; the step:
+    :class:`nnssl.training.class_weighted_cps.RebalancedCPSTrainer`.
     """
 
     log_prefix = "crest"
     weights_class = CReSTWeights
-    momentum: float = 0.99
-    # which rows count for the weight update: the unlabeled half (CReST) or the whole batch (SimiS)
-    weights_from_whole_batch: bool = False
-
-    def make_class_state(self) -> CReSTWeights:
-        return self.weights_class(self.num_classes, self.momentum)
-
-    def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
-        self.initialise_class_state()
-        n_l = data.shape[0]
-        outputs_a, outputs_b = self.forward_pair(data, unlabeled)
-        full_a, full_b = outputs_a[0], outputs_b[0]
-        start = 0 if self.weights_from_whole_batch else n_l
-        weights_a, weights_b = self.class_state.update(full_a[start:], full_b[start:])
-        supervised_a = self.class_weighted_supervised_loss(outputs_a, target, n_l, weights_a)
-        supervised_b = self.class_weighted_supervised_loss(outputs_b, target, n_l, weights_b)
-        cps = cross_pseudo_supervision_loss(full_a, full_b, weights_a, weights_b)
-        return self.pair_terms(full_a, full_b, n_l, supervised_a, supervised_b, cps,
-                               weight_min_a=weights_a.min(), weight_max_a=weights_a.max())

@@ -1,8 +1,8 @@
 from nnssl.losses.class_rebalancing import SimiSWeights
-from nnssl_trainers.crest import nnUNetTrainerCReST
+from nnssl.training.class_weighted_cps import RebalancedCPSTrainer
 
 
-class nnUNetTrainerSimiS(nnUNetTrainerCReST):
+class nnUNetTrainerSimiS(RebalancedCPSTrainer):
     """SimiS frequency-gap class weights (Chen et al., "An Embarrassingly Simple Baseline for Imbalanced
     Semi-Supervised Learning", 2022) on DHC's CPS base, as DHC's method zoo runs it (``xmed-lab/DHC
     code/train_simis.py``; docs/methods/simis.md). Per iteration, on ``x = [x_l; x_u]``::
@@ -13,7 +13,8 @@ class nnUNetTrainerSimiS(nnUNetTrainerCReST):
         L = DCCE_{w_A}(z_l^A, y) + DCCE_{w_B}(z_l^B, y) + λ(e) [CE_{w_A}(z^A, ŷ^B) + CE_{w_B}(z^B, ŷ^A)]
         λ(e) = 0.1 · sigmoid_rampup(max(e − 1, 0), num_epochs)
 
-    Everything else is :class:`nnssl_trainers.crest.nnUNetTrainerCReST` (the same loss; CE_w a weighted mean).
+    Everything else is CReST's (the same loss, CE_w a weighted mean; the step:
+    :class:`nnssl.training.class_weighted_cps.RebalancedCPSTrainer`).
     The most frequent class (background) gets 0 from every update, so its weight decays to 0; the weighted CE of an
     all-background pseudo-label, 0/0 in DHC, is 0 here (:func:`nnssl.losses.cps.weighted_cross_entropy`).
     Network A (kaiming) predicts; B is xavier-normal. State: ``extra_state['simis']``.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
+from nnssl.losses.cps import cross_pseudo_supervision_loss
 from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
 from nnssl.ramps import ConsistencyWeight
 from nnssl.tensors import argmax_agreement, as_list, labeled_rows
@@ -95,3 +96,35 @@ class ClassWeightedCPSTrainer(DHCEpochRamp, nnUNetTrainerSSLBase):
                         pseudo_label_logits=(full_a[n_labeled:], full_b[n_labeled:]),
                         agreement=argmax_agreement(full_a, full_b),
                         extras={"loss_supervised_a": supervised_a, "loss_supervised_b": supervised_b, **extras})
+
+
+class RebalancedCPSTrainer(ClassWeightedCPSTrainer):
+    """CPS whose two networks carry their own EMA class weights, refreshed every step from their own predictions
+    (CReST, SimiS; ``xmed-lab/DHC code/train_crest.py``, ``train_simis.py``)::
+
+        w_X ← m w_X + (1 − m) rule(hist(argmax z_X)),   X ∈ {A, B}     (the rows: ``weights_from_whole_batch``)
+        L = DCCE_{w_A}(z_l^A, y) + DCCE_{w_B}(z_l^B, y) + λ(e) [CE_{w_A}(z^A, ŷ^B) + CE_{w_B}(z^B, ŷ^A)]
+
+    A method sets ``weights_class`` (its rule, :mod:`nnssl.losses.class_rebalancing`), ``momentum`` and which rows
+    count for the update."""
+
+    weights_class: type
+    momentum: float = 0.99
+    # which rows count for the weight update: the unlabeled half (CReST) or the whole batch (SimiS)
+    weights_from_whole_batch: bool = False
+
+    def make_class_state(self):
+        return self.weights_class(self.num_classes, self.momentum)
+
+    def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
+        self.initialise_class_state()
+        n_l = data.shape[0]
+        outputs_a, outputs_b = self.forward_pair(data, unlabeled)
+        full_a, full_b = outputs_a[0], outputs_b[0]
+        start = 0 if self.weights_from_whole_batch else n_l
+        weights_a, weights_b = self.class_state.update(full_a[start:], full_b[start:])
+        supervised_a = self.class_weighted_supervised_loss(outputs_a, target, n_l, weights_a)
+        supervised_b = self.class_weighted_supervised_loss(outputs_b, target, n_l, weights_b)
+        cps = cross_pseudo_supervision_loss(full_a, full_b, weights_a, weights_b)
+        return self.pair_terms(full_a, full_b, n_l, supervised_a, supervised_b, cps,
+                               weight_min_a=weights_a.min(), weight_max_a=weights_a.max())
