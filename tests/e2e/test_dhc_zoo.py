@@ -62,9 +62,9 @@ def test_zoo_benchmark_smoke(synthetic2d, tmp_path):
     env = {**ds.env, "nnUNet_results": str(tmp_path / "results")}
     run_cli(["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "2d", "-f", "0", "--smoke", "-device", "cpu",
              "-o", str(out), "--no-full-reference", "--trainers", *ZOO], env, timeout=3000)
-    runs = {r["trainer"]: r for r in json.loads((out / "benchmark.json").read_text())["runs"]}
+    runs = {r["trainer"]: r for r in json.loads((out / "benchmark.json").read_text(encoding="utf-8"))["runs"]}
     for trainer in ZOO:
         assert runs[trainer]["error"] is None, runs[trainer]
         assert np.isfinite(np.mean(list(runs[trainer]["dice"].values()))), runs[trainer]
-    table = (out / "benchmark.md").read_text()
+    table = (out / "benchmark.md").read_text(encoding="utf-8")
     assert all(f"| {t} |" in table for t in ZOO)

@@ -45,7 +45,7 @@ def _copy_dataset(dataset, root: Path) -> dict[str, str]:
 
 
 def _generated(raw: Path) -> dict[str, dict]:
-    split = json.loads((raw / "ssl_split.json").read_text())
+    split = json.loads((raw / "ssl_split.json").read_text(encoding="utf-8"))
     generated = {k: v for k, v in split.get("provenance", {}).items() if v.get("source") == "generated"}
     assert set(generated) <= set(split["unlabeled"])
     return generated
@@ -81,7 +81,7 @@ def test_generate_unlabeled(synthetic2d, tmp_path):
     assert image.dtype == np.uint8 and image.shape == (64, 64) and image.std() > 5
     pp = tmp_path / "preprocessed" / synthetic2d.name / "nnUNetPlans_2d_unlabeled"
     assert all((pp / f"{k}.pkl").is_file() for k in generated)
-    report = json.loads((model / "report" / "report.json").read_text())
+    report = json.loads((model / "report" / "report.json").read_text(encoding="utf-8"))
     assert report["n_generated"] == 4 and report["sizes"]["generated"] == [64, 64]
     assert (model / "report" / "real_vs_generated.png").is_file()
     assert not list((model / "samples").glob("*.png"))  # added cases leave the staging area
@@ -96,7 +96,7 @@ def test_generate_unlabeled(synthetic2d, tmp_path):
     kept = np.asarray(Image.open(raw / "imagesUnlabeled" / "gen_ldm_tiny_s0_00004_0000.png"))
     assert np.array_equal(kept, planted)
 
-    assert not leaks.exists(), f"imagesTs was read: {leaks.read_text()}"
+    assert not leaks.exists(), f"imagesTs was read: {leaks.read_text(encoding='utf-8')}"
 
 
 def test_generate_unlabeled_refuses_a_3d_configuration(synthetic2d, tmp_path):

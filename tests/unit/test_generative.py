@@ -156,8 +156,9 @@ def test_report_flags_a_broken_model(tmp_path):
     assert any("histogram distance" in w for w in warnings) and any("nearly flat" in w for w in warnings)
     assert any("near copies" in w for w in warnings)
     stats = report.write_report(real, flat, [(16, 16)] * 10, tmp_path, {"model": "m"})
-    assert json.loads((tmp_path / "report.json").read_text())["warnings"] == stats["warnings"]
-    assert (tmp_path / "real_vs_generated.png").is_file() and "Warnings" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))["warnings"] == stats["warnings"]
+    assert (tmp_path / "real_vs_generated.png").is_file()
+    assert "Warnings" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 
 def test_bad_options_fail_before_anything_is_read():
