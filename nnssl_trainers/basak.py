@@ -5,7 +5,7 @@ from nnssl.losses.class_sampling import FuzzyRankSamplingRates, class_sampling_m
 from nnssl.losses.cps import hard_pseudo_label
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.class_weighted_cps import DHCEpochRamp
+from nnssl.training.dhc_zoo import DHCEpochRamp
 from nnssl.training.step import SSLTerms
 
 

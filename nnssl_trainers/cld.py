@@ -36,7 +36,7 @@ class nnUNetTrainerCLD(ClassWeightedCPSTrainer):
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         self.initialise_class_state()
         n_l = data.shape[0]
-        outputs_a, outputs_b = self.forward_pair(data, unlabeled)
+        outputs_a, outputs_b = self.forward_pair(torch.cat((data, unlabeled)))
         full_a, full_b = outputs_a[0], outputs_b[0]
         rates_a, rates_b = self.class_state.record(full_a[:n_l], full_b[:n_l], target[0] if isinstance(target, list)
                                                   else target)

@@ -5,7 +5,7 @@ from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channe
 from nnssl.networks.ssnet_heads import SSNetHeads
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import UnsupportedByTrainer, nnUNetTrainerSSLBase
-from nnssl.training.class_weighted_cps import DHCEpochRamp
+from nnssl.training.dhc_zoo import DHCEpochRamp
 from nnssl.training.step import SSLTerms
 
 

@@ -4,7 +4,7 @@ from nnssl.ema import update_ema_
 from nnssl.losses.uamt import UncertaintyAwareConsistency, uncertainty_threshold
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.class_weighted_cps import DHCEpochRamp
+from nnssl.training.dhc_zoo import DHCEpochRamp
 from nnssl.training.step import SSLTerms
 
 

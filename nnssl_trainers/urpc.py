@@ -3,7 +3,7 @@ import torch
 from nnssl.losses.urpc import upsample_logits, urpc_consistency
 from nnssl.tensors import as_list
 from nnssl.training.base import UnsupportedByTrainer, nnUNetTrainerSSLBase
-from nnssl.training.class_weighted_cps import DHCEpochRamp
+from nnssl.training.dhc_zoo import DHCEpochRamp
 from nnssl.training.step import SSLTerms
 
 

@@ -15,32 +15,18 @@ from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 
 from nnssl.losses.cps import cross_pseudo_supervision_loss
 from nnssl.losses.weighted_dc_ce import ClassWeightedDCandCELoss
-from nnssl.ramps import ConsistencyWeight
-from nnssl.tensors import argmax_agreement, as_list, labeled_rows
-from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.tensors import argmax_agreement, labeled_rows
 from nnssl.training.class_statistics import fold_labeled_class_counts
+from nnssl.training.dhc_zoo import DHCZooTrainerBase
 from nnssl.training.step import SSLTerms
 
 
-class DHCEpochRamp:
-    """Mixin: DHC's per-epoch ramp of the unsupervised weight (``-r``), ``rampup_epochs`` long (None: all epochs)."""
-
-    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
-
-    def weight_schedule(self) -> ConsistencyWeight:
-        """``unsupervised_weight · sigmoid_rampup(max(epoch − 1, 0), L)``, DHC's per-epoch value."""
-        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
-        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
-
-
-class ClassWeightedCPSTrainer(DHCEpochRamp, nnUNetTrainerSSLBase):
-    """Base of CPS trainers whose supervised DC+CE is class-weighted (see the module doc). Subclasses return their
+class ClassWeightedCPSTrainer(DHCZooTrainerBase):
+    """DHC's zoo CPS base (:class:`nnssl.training.dhc_zoo.DHCZooTrainerBase`: networks, ramp, :meth:`forward_pair`)
+    with a class-weighted supervised DC+CE (see the module doc). Subclasses return their
     per-class state from :meth:`make_class_state` and implement ``ssl_terms`` with :meth:`forward_pair`,
     :meth:`class_weighted_supervised_loss` and :meth:`pair_terms`."""
 
-    second_network = "xavier"  # DHC's zoo scripts: A kaiming-normal, B xavier-normal
-    unsupervised_weight = 0.1  # DHC launch config -w 0.1
-    supports_regions = False
     supports_ignore_label = False
     unsupported_reason = "per-class weights and statistics of hard pseudo-labels need plain label classes"
 
@@ -73,11 +59,6 @@ class ClassWeightedCPSTrainer(DHCEpochRamp, nnUNetTrainerSSLBase):
         """Voxel histogram of the fold's labeled training cases (DHC: whole labeled volumes; outside-mask voxels
         count as background, as for DHC's DistDW)."""
         return fold_labeled_class_counts(self, outside_mask_as_background=True)
-
-    def forward_pair(self, data: torch.Tensor, unlabeled: torch.Tensor) -> tuple[list[torch.Tensor], ...]:
-        """Both networks on ``[x_l; x_u]`` (deep-supervision lists, full resolution first)."""
-        inputs = torch.cat((data, unlabeled))
-        return as_list(self.network(inputs)), as_list(self.network2(inputs))
 
     def class_weighted_supervised_loss(self, outputs: list[torch.Tensor], target, n_labeled: int,
                                        class_weights: torch.Tensor) -> torch.Tensor:
@@ -119,7 +100,7 @@ class RebalancedCPSTrainer(ClassWeightedCPSTrainer):
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         self.initialise_class_state()
         n_l = data.shape[0]
-        outputs_a, outputs_b = self.forward_pair(data, unlabeled)
+        outputs_a, outputs_b = self.forward_pair(torch.cat((data, unlabeled)))
         full_a, full_b = outputs_a[0], outputs_b[0]
         start = 0 if self.weights_from_whole_batch else n_l
         weights_a, weights_b = self.class_state.update(full_a[start:], full_b[start:])

@@ -16,10 +16,21 @@ from collections.abc import Mapping
 
 import torch
 
+from nnssl.ramps import ConsistencyWeight
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.class_weighted_cps import DHCEpochRamp
 from nnssl.training.step import SSLTerms
+
+
+class DHCEpochRamp:
+    """Mixin: DHC's per-epoch ramp of the unsupervised weight (``-r``), ``rampup_epochs`` long (None: all epochs)."""
+
+    rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
+
+    def weight_schedule(self) -> ConsistencyWeight:
+        """``unsupervised_weight · sigmoid_rampup(max(epoch − 1, 0), L)``, DHC's per-epoch value."""
+        length = self.num_epochs if self.rampup_epochs is None else self.rampup_epochs
+        return ConsistencyWeight(self.unsupervised_weight, length, unit="epoch", delay=1)
 
 
 class DHCZooTrainerBase(DHCEpochRamp, nnUNetTrainerSSLBase):
