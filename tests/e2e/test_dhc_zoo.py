@@ -14,17 +14,9 @@ from __future__ import annotations
 import json
 import os
 
+import e2e_utils as e2e
 import numpy as np
 import pytest
-from e2e_utils import (
-    assert_finite_progress,
-    assert_nested_equal,
-    assert_state_dicts_equal,
-    predict,
-    restore_trainer,
-    run_cli,
-    train_interrupt_resume,
-)
 
 pytestmark = pytest.mark.slow
 ZOO = ("nnUNetTrainerUAMT", "nnUNetTrainerURPC", "nnUNetTrainerSSNet", "nnUNetTrainerDST", "nnUNetTrainerDePL",
@@ -38,21 +30,21 @@ FAST = {"NNSSL_SKIP_FINAL_VALIDATION": "1"}
 
 def assert_resumed_state(env: dict, fold) -> None:
     """The trainer rebuilt from checkpoint_final.pth holds exactly the saved networks, optimizers and state."""
-    trainer, ckpt = restore_trainer(env, fold)
+    trainer, ckpt = e2e.restore_trainer(env, fold)
     saved = ckpt["nnssl_state"]
     assert saved["global_iteration"] == 4  # 2 epochs x 2 iterations, counted across the interruption
-    assert_state_dicts_equal(trainer.network.state_dict(), ckpt["network_weights"])
+    e2e.assert_state_dicts_equal(trainer.network.state_dict(), ckpt["network_weights"])
     restored = trainer.ssl_state_dict()
     for part in ("extra_networks", "extra_optimizers", "extra_state"):
-        assert_nested_equal(restored[part], saved[part], part)
+        e2e.assert_nested_equal(restored[part], saved[part], part)
 
 
 def interrupt_resume_predict(ds, configuration: str, trainer: str, pred_dir) -> None:
-    fold = train_interrupt_resume(ds.env, ds.dataset_id, ds.name, configuration, trainer, extra_env=FAST)
-    assert_finite_progress(fold, COMMON_KEYS)
+    fold = e2e.train_interrupt_resume(ds.env, ds.dataset_id, ds.name, configuration, trainer, extra_env=FAST)
+    e2e.assert_finite_progress(fold, COMMON_KEYS)
     assert (fold / "ssl_progress.png").is_file()
     assert_resumed_state(ds.env, fold)
-    pred = predict(ds.env, ds.dataset_id, configuration, trainer, ds.raw / "imagesTs", pred_dir)
+    pred = e2e.predict(ds.env, ds.dataset_id, configuration, trainer, ds.raw / "imagesTs", pred_dir)
     ending = json.loads((ds.raw / "dataset.json").read_text(encoding="utf-8"))["file_ending"]
     assert sorted(p.name for p in pred.glob(f"*{ending}")) == sorted(p.name for p in (ds.raw / "labelsTs").iterdir())
 
@@ -75,7 +67,7 @@ def test_zoo_benchmark_smoke(synthetic2d, tmp_path):
     ds = synthetic2d
     out = tmp_path / "bench"
     env = {**ds.env, "nnUNet_results": str(tmp_path / "results")}
-    run_cli(["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "2d", "-f", "0", "--smoke", "-device", "cpu",
+    e2e.run_cli(["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "2d", "-f", "0", "--smoke", "-device", "cpu",
              "-o", str(out), "--no-full-reference", "--trainers", *ZOO], env, timeout=3000)
     runs = {r["trainer"]: r for r in json.loads((out / "benchmark.json").read_text(encoding="utf-8"))["runs"]}
     for trainer in ZOO:
