@@ -105,7 +105,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
             sup_b = self.weighted_supervised_loss_of(full_b[:n_l], target, weights_b)
         cps = cross_pseudo_supervision_loss(full_a, full_b, weights_a, weights_b)
         return SSLTerms(sup_a + sup_b, cps, pseudo_label_logits=(full_a[n_l:], full_b[n_l:]),
-                        agreement=argmax_agreement(full_a, full_b),
+                        agreement=argmax_agreement(full_a[n_l:], full_b[n_l:]),
                         extras={"loss_supervised_a": sup_a, "loss_supervised_b": sup_b})
 
     # ------------------------------------------------------------------ class-weight log

@@ -75,7 +75,7 @@ class ClassWeightedCPSTrainer(DHCZooTrainerBase):
         """The step's terms; both networks' unlabeled logits are the pseudo-label logits of the diagnostics."""
         return SSLTerms(supervised_a + supervised_b, unsupervised,
                         pseudo_label_logits=(full_a[n_labeled:], full_b[n_labeled:]),
-                        agreement=argmax_agreement(full_a, full_b),
+                        agreement=argmax_agreement(full_a[n_labeled:], full_b[n_labeled:]),
                         extras={"loss_supervised_a": supervised_a, "loss_supervised_b": supervised_b, **extras})
 
 

@@ -9,7 +9,7 @@ Logged keys (one name per role, so ``ssl_progress.png`` and the benchmark put me
 ``unsupervised_weight``    the weight of that term at this step (the method's ramp)
 ``pseudo_label_confidence`` mean probability of the hard pseudo-label on unlabeled voxels
 ``fraction_above_threshold`` fraction of those voxels at or above the trainer's ``confidence_threshold``
-``agreement``              fraction of voxels where the argmaxes of the method's two predictions agree
+``agreement``              fraction of unlabeled voxels where the argmaxes of the method's two predictions agree
 ``pseudo_label_dice``      (per epoch, from the base) Dice of the pseudo-labels against withheld labels
 ``<prefix>_<name>``        the method's own extras, under its ``log_prefix`` (``cps_``, ``dhc_``, ...)
 =========================  ===================================================================================
