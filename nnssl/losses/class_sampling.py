@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nnssl.losses.cps import _check_logits, as_label_map
+from nnssl.losses.masked_ce import masked_cross_entropy
 
 _GUARD = 1e-12  # DHC's guard in every per-class mean and in the rate normalisation
 
@@ -70,13 +71,13 @@ def sampled_cross_entropy(logits: Tensor, target: Tensor, sample_map: Tensor,
     target = as_label_map(target, logits)
     if sample_map.shape != target.shape:
         raise ValueError(f"sample_map must have shape {tuple(target.shape)}, got {tuple(sample_map.shape)}")
-    voxel_ce = F.cross_entropy(logits.float(), target, reduction="none")
+    voxel_weights = sample_map.detach().float()
     if class_weights is not None:
         if class_weights.shape != (logits.shape[1],) or not bool(torch.isfinite(class_weights).all()):
             raise ValueError(f"class_weights must be a finite ({logits.shape[1]},) vector, got "
                              f"{class_weights.tolist()}")
-        voxel_ce = voxel_ce * class_weights.to(device=logits.device, dtype=torch.float32)[target]
-    return (voxel_ce * sample_map.detach().float()).mean()
+        voxel_weights = voxel_weights * class_weights.to(device=logits.device, dtype=torch.float32)[target]
+    return masked_cross_entropy(logits, target, voxel_weights, check_labels=False)  # argmax pseudo-labels
 
 
 def inverse_frequency_weights(class_counts: Tensor, power: float = 1 / 3) -> Tensor:

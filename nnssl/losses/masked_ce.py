@@ -26,16 +26,17 @@ def check_same_shape(logits_a: torch.Tensor, logits_b: torch.Tensor) -> None:
 
 
 def masked_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
-                         voxel_weights: torch.Tensor | None = None) -> torch.Tensor:
+                         voxel_weights: torch.Tensor | None = None, check_labels: bool = True) -> torch.Tensor:
     """``mean_v m_v · CE(z_v, y_v)`` over **all** voxels (DHC ``WeightedCrossEntropyLoss``: the mean is not
     normalised by ``Σ m``, so a mask that keeps few voxels also shrinks the loss).
 
     ``target``: labels ``(N, *spatial)`` or ``(N, 1, *spatial)``; ``voxel_weights``: ``(N, *spatial)`` (a 0/1 mask
-    or weights; detached, as DHC detaches its weight map), ``None`` = plain mean CE.
+    or weights; detached, as DHC detaches its weight map), ``None`` = plain mean CE. ``check_labels=False`` skips
+    the label-range check, the one host synchronisation here (for pseudo-labels, an argmax, always in range).
     """
     check_logits(logits)
     target = as_label_map(target, logits)
-    if target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
+    if check_labels and target.numel() and bool(((target < 0) | (target >= logits.shape[1])).any()):
         raise ValueError(f"target labels must be in [0, {logits.shape[1] - 1}]")
     if voxel_weights is not None and tuple(voxel_weights.shape) != tuple(target.shape):
         raise ValueError(f"voxel_weights has shape {tuple(voxel_weights.shape)}, expected {tuple(target.shape)}")
