@@ -78,8 +78,9 @@ PRESETS: dict[str, SyntheticPreset] = {p.name: p for p in (
     # all-background phase at a random 20-160 iterations and had not plateaued by 600 iterations on 2 of 3 seeds;
     # the one 800-iteration run (seed 0) moved 0.018 over its last quarter; lr 0.05 was worse (0.142). 60 x 20 at
     # lr 0.03 is the candidate: seed 0's full reference is flat from ~800 iterations (0.014 over the last quarter),
-    # test Dice 0.870 vs labeled-only 0.644; seed 1 NOT (0.074; 0.837 vs 0.754). At 0.16 s per labeled-only iteration one seed of
-    # every row (about 20 with DHC's zoo) costs ~2.5 h on 2 cores, far above the 25 minutes aimed at.
+    # test Dice 0.870 vs labeled-only 0.644; seed 1's is not (0.074; 0.837 vs 0.754). At 0.16 s per labeled-only
+    # iteration one seed of every row (about 20 with DHC's zoo) costs ~2.5 h on 2 cores, far above the 25 minutes
+    # aimed at.
     SyntheticPreset("cardiac3d", 975, "cardiac3d", "3d_fullres", n_labeled=2, n_unlabeled=30, n_test=15, n_val=8,
                     epochs=60, iterations=20, lr=0.03, val_iterations=8, labeled_scanner=0,
                     description="cardiac-MRI-like 3D short-axis stacks (RV/MYO/LV), 2 labeled (one site) / 30 "
