@@ -59,7 +59,9 @@ def test_dhc_3d_interrupt_resume_predict(synthetic3d, tmp_path):
     assert restored["class_weight_log"] == saved["class_weight_log"]
     # DistDW started from the labeled training cases of fold 0 only (not validation, not unlabeled)
     assert saved["labeled_class_counts"].tolist() == _fold0_training_histogram(ds.preprocessed, 5)
-    assert saved["diffdw"]["last_dice"].min() > 1e-8  # four DiffDW updates happened
+    # DiffDW updated (every update pulls dice_weight below its start of 1; the hard Dice of a class the
+    # network does not predict yet is legitimately ~1e-11, so last_dice itself says nothing)
+    assert (saved["diffdw"]["dice_weight"] < 1).all()
 
     pred = predict(ds.env, ds.dataset_id, "3d_fullres", TRAINER, ds.raw / "imagesTs", tmp_path / "pred")
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (ds.raw / "labelsTs").iterdir())
