@@ -150,11 +150,14 @@ def mean_foreground_dice(pred_dir: Path, gt_dir: Path, labels: list[int]) -> dic
 
 
 def assert_nested_equal(a, b, where: str = "") -> None:
-    """Equality of nested state (optimizer or registered state dicts: dicts / lists of tensors and numbers)."""
+    """Equality of nested state (optimizer or registered state dicts, case properties: dicts / lists of tensors,
+    arrays and numbers)."""
     import torch
 
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and torch.equal(a.cpu(), b.cpu()), f"tensor {where} differs"
+    elif isinstance(a, np.ndarray):
+        assert isinstance(b, np.ndarray) and a.dtype == b.dtype and np.array_equal(a, b), f"array {where} differs"
     elif isinstance(a, dict):
         assert isinstance(b, dict) and a.keys() == b.keys(), f"keys of {where} differ"
         for k in a:

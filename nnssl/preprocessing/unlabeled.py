@@ -24,7 +24,13 @@ written (:mod:`nnssl.preprocessing.integrity`); a corrupt file stops the run wit
 Each folder records the preprocessing parameters it was made with (``nnssl_preprocessing_source.json``: the
 configuration's spacing, normalisation, resampling, the fingerprint's intensity statistics, dataset.json's channels
 and labels). When they differ (new plans, or a new fingerprint after the labeled cases changed), nnssl rebuilds the
-folder it created; cases that ``ssl_split.json`` no longer lists as unlabeled are removed. Both print a note.
+folder it created; cases that ``ssl_split.json`` no longer lists as unlabeled are removed. Both print a note. Each
+case's ``.pkl`` also records a digest of those parameters; a case made with other ones does not count as done.
+
+Parts (``-num_parts N -part_id i``, :mod:`nnssl.parts`): part ``i`` preprocesses only its cases, through its own
+temporary folder, and neither rebuilds the folder nor removes cases (another part may be writing there); its cases
+made with other parameters are recomputed because of their digest. Run the command without parts when every part
+has finished: it checks every case (computing what is missing) and removes stale ones.
 """
 
 from __future__ import annotations
@@ -44,12 +50,14 @@ from tqdm import tqdm
 
 from nnssl.errors import InputError, report_user_errors
 from nnssl.io import atomic_write_json
+from nnssl.parts import Part, add_part_arguments
 from nnssl.split import SPLIT_FILE_NAME
 
 PROG = "nnssl_preprocess_unlabeled"
 UNLABELED_SUFFIX = "_unlabeled"
 WITHHELD_SUFFIX = "_unlabeled_withheld_labels"
 SHAPE_KEY = "nnssl_preprocessed_shape"
+DIGEST_KEY = "nnssl_preprocessing_digest"
 SOURCE_FILE = "nnssl_preprocessing_source.json"
 # what the preprocessor reads from a configuration (architecture, patch and batch size do not change the arrays)
 _PREPROCESSING_KEYS = ("data_identifier", "preprocessor_name", "spacing", "normalization_schemes",
@@ -71,9 +79,10 @@ def _withheld_folder_of(folder: Path) -> Path:
     return folder.parent / (folder.name[:-len(UNLABELED_SUFFIX)] + WITHHELD_SUFFIX)
 
 
-def is_case_done(folder: Path, case: str, has_withheld_label: bool = False) -> bool:
-    """The case's ``.pkl`` exists, its arrays open with the shape it records and, with ``has_withheld_label``,
-    its withheld label ``.npy`` loads completely with that spatial shape."""
+def is_case_done(folder: Path, case: str, has_withheld_label: bool = False, digest: str | None = None) -> bool:
+    """The case's ``.pkl`` exists, its arrays open with the shape it records, with ``has_withheld_label`` its
+    withheld label ``.npy`` loads completely with that spatial shape and, with ``digest``, the ``.pkl`` records
+    that digest of the preprocessing parameters."""
     folder = Path(folder)
     pkl = folder / f"{case}.pkl"
     if not pkl.is_file():
@@ -82,6 +91,8 @@ def is_case_done(folder: Path, case: str, has_withheld_label: bool = False) -> b
         with open(pkl, "rb") as f:
             props = pickle.load(f)
         expected = tuple(props[SHAPE_KEY])
+        if digest is not None and props.get(DIGEST_KEY) != digest:
+            return False
         data = blosc2.open(str(folder / f"{case}.b2nd"), mode="r")
         seg = blosc2.open(str(folder / f"{case}_seg.b2nd"), mode="r")
         if tuple(data.shape) != expected or tuple(seg.shape[1:]) != expected[1:]:
@@ -104,7 +115,7 @@ def completed_cases(folder: str | os.PathLike) -> list[str]:
 
 
 def _preprocess_one(args: tuple) -> str:
-    case, image_files, withheld_label, out_folder, plans, configuration, dataset_json = args
+    case, image_files, withheld_label, out_folder, plans, configuration, dataset_json, digest, partial_name = args
     # imported here so that spawned workers pay nnU-Net's import cost once and the module stays light
     from nnunetv2.training.dataloading.nnunet_dataset import comp_blosc2_params, nnUNetDatasetBlosc2
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
@@ -116,6 +127,7 @@ def _preprocess_one(args: tuple) -> str:
     data = data.astype(np.float32, copy=False)
     seg = seg.astype(np.int8, copy=False)
     props[SHAPE_KEY] = tuple(int(i) for i in data.shape)
+    props[DIGEST_KEY] = digest
     props["class_locations"] = {}  # no label: there is nothing to oversample
     blocks, chunks = comp_blosc2_params(data.shape, tuple(cm.patch_size), data.itemsize)
     blocks_seg, chunks_seg = comp_blosc2_params(seg.shape, tuple(cm.patch_size), seg.itemsize)
@@ -131,7 +143,7 @@ def _preprocess_one(args: tuple) -> str:
         with open(tmp, "wb") as f:
             np.save(f, label.astype(np.int16, copy=False))
         os.replace(tmp, withheld / f"{case}.npy")
-    partial = out_folder / ".partial"
+    partial = out_folder / partial_name
     partial.mkdir(exist_ok=True)
     tmp_trunc = str(partial / case)
     nnUNetDatasetBlosc2.save_case(data, seg, props, tmp_trunc, chunks=chunks, blocks=blocks,
@@ -171,6 +183,12 @@ def preprocessing_signature(plans: dict, configuration: str, dataset_json: dict)
     return json.loads(json.dumps(signature))  # as it reads back from the file (tuples become lists)
 
 
+def signature_digest(signature: dict) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def _read_signature(folder: Path) -> dict | None:
     try:
         return json.loads((folder / SOURCE_FILE).read_text())
@@ -190,8 +208,10 @@ def preprocess_unlabeled(
     plans_identifier: str = "nnUNetPlans",
     num_processes: int = 4,
     show_progress_bar: bool = True,
+    part: Part = Part(),
 ) -> dict[str, Path]:
-    """Preprocess every unlabeled case for each configuration; skips cases already done. Returns the folders."""
+    """Preprocess every unlabeled case (of ``part``) for each configuration; skips cases already done. Returns the
+    folders."""
     from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -215,7 +235,8 @@ def preprocess_unlabeled(
     if unknown:
         raise InputError(f"configuration(s) {unknown} not in {plans_file}; available: "
                          f"{sorted(plans['configurations'])}")
-    cases = unlabeled_case_ids(raw_dir, dataset_json)
+    all_cases = unlabeled_case_ids(raw_dir, dataset_json)
+    cases = part.select(all_cases)
     files = unlabeled_image_files(raw_dir, cases, dataset_json)
     labels_dir = raw_dir / "labelsUnlabeled"
     ending = dataset_json["file_ending"]
@@ -228,19 +249,23 @@ def preprocess_unlabeled(
     work = []
     for configuration in configurations:
         signature = preprocessing_signature(plans, configuration, dataset_json)
+        digest = signature_digest(signature)
         out = unlabeled_folder(pp_dir, PlansManager(plans).get_configuration(configuration).data_identifier)
         done_before = completed_cases(out)
-        rebuild = bool(done_before) and _read_signature(out) != signature
-        stale = [] if rebuild else sorted(set(done_before) - set(cases))
-        todo = list(cases) if rebuild else [c for c in cases if not is_case_done(out, c, withheld(c) is not None)]
-        work.append((configuration, out, signature, rebuild, stale, todo))
+        # a part never deletes (other parts write into the same folder): the digests make it recompute its cases
+        rebuild = part.is_whole and bool(done_before) and _read_signature(out) != signature
+        stale = [] if rebuild or not part.is_whole else sorted(set(done_before) - set(all_cases))
+        todo = list(cases) if rebuild else [c for c in cases
+                                            if not is_case_done(out, c, withheld(c) is not None, digest)]
+        work.append((configuration, out, signature, digest, rebuild, stale, todo))
     to_check = sorted({c for *_, todo in work for c in todo})
     with_label = {c: (files[c], withheld(c)) for c in to_check if withheld(c) is not None}
     check_labeled_cases(with_label, dataset_json, num_processes, what="unlabeled (withheld label)")
     verify_files([f for c in to_check if c not in with_label for f in files[c]], num_processes)
 
     outputs = {}
-    for configuration, out, signature, rebuild, stale, todo in work:
+    partial_name = part.partial_dir_name()
+    for configuration, out, signature, digest, rebuild, stale, todo in work:
         if rebuild:
             print(f"note: {out} was made with other preprocessing parameters (new plans, or a new fingerprint "
                   f"after the labeled cases changed); rebuilding it")
@@ -254,8 +279,9 @@ def preprocess_unlabeled(
         out.mkdir(parents=True, exist_ok=True)
         if _read_signature(out) != signature:
             atomic_write_json(out / SOURCE_FILE, signature)
-        jobs = [(c, files[c], withheld(c), str(out), plans, configuration, dataset_json) for c in todo]
-        desc = f"Unlabeled {configuration} ({len(cases) - len(todo)}/{len(cases)} already done)"
+        jobs = [(c, files[c], withheld(c), str(out), plans, configuration, dataset_json, digest, partial_name)
+                for c in todo]
+        desc = f"Unlabeled {configuration}{part.describe()} ({len(cases) - len(todo)}/{len(cases)} already done)"
         with tqdm(total=len(jobs), desc=desc, disable=not show_progress_bar) as bar:
             if num_processes <= 1:
                 for job in jobs:
@@ -265,7 +291,10 @@ def preprocess_unlabeled(
                 with multiprocessing.get_context("spawn").Pool(num_processes, maxtasksperchild=50) as pool:
                     for _ in pool.imap_unordered(_preprocess_one, jobs, chunksize=1):
                         bar.update()
-        shutil.rmtree(out / ".partial", ignore_errors=True)
+        shutil.rmtree(out / partial_name, ignore_errors=True)
+        if part.is_whole:  # run after the parts: what a killed part left behind
+            for leftover in out.glob(f"{partial_name}-part*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         outputs[configuration] = out
     return outputs
 
@@ -279,10 +308,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-c", nargs="+", default=["3d_fullres"], help="configurations (default: 3d_fullres)")
     parser.add_argument("-plans_name", default="nnUNetPlans", help="plans identifier (default: nnUNetPlans)")
     parser.add_argument("-np", type=int, default=4, help="worker processes (default: 4)")
+    add_part_arguments(parser)
     args = parser.parse_args(argv)
+    part = Part(args.num_parts, args.part_id)
     for d in args.d:
-        for cfg, folder in preprocess_unlabeled(d, args.c, args.plans_name, args.np).items():
-            print(f"{d} {cfg}: unlabeled cases in {folder}")
+        for cfg, folder in preprocess_unlabeled(d, args.c, args.plans_name, args.np, part=part).items():
+            print(f"{d} {cfg}: unlabeled cases{part.describe()} in {folder}")
+    if not part.is_whole:
+        print(f"when every part has finished, run {PROG} without -num_parts: it checks that every case is done "
+              f"and removes cases no longer listed as unlabeled")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,10 @@
 3. write dataset ``-o NEW_ID`` = labeled + selected ``pl_*`` cases (:mod:`nnssl.pseudolabel.dataset`), with a
    report of every decision.
 
+With ``-num_parts N -part_id i`` (nnUNetv2_predict's options) a run does step 1 for its part of the cases only, so N
+GPUs or nodes sharing a file system predict concurrently into one cache; the same command without parts then finds
+every case predicted (predicting what is missing) and does steps 2-3.
+
 Then fine-tune the first model on it with ``nnUNetTrainerPseudoLabelFinetune`` (its docstring has the whole
 recipe). The new dataset is a valid input of this command again, so rounds can be repeated.
 """
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from nnssl.errors import report_user_errors
+from nnssl.parts import Part, add_part_arguments
 from nnssl.pseudolabel.dataset import (
     REPORT_MD,
     RawDataset,
@@ -156,10 +161,11 @@ def run_pseudolabel(dataset: str, configuration: str, folds: Sequence[str], new_
                     use_mirroring: bool = True, tile_step_size: float = 0.5, device: str | None = None,
                     num_processes_preprocessing: int = 2, num_processes_export: int = 2,
                     cache_dir: str | None = None, overwrite: bool = False, show_progress: bool = True,
-                    preprocess: bool = False) -> dict[str, Any]:
+                    preprocess: bool = False, part: Part = Part()) -> dict[str, Any]:
     """Predict, select and write the new dataset; returns the report (also written into the new dataset).
     ``preprocess``: then plan (by moving the source's plans) and preprocess it for ``configuration``, so that it can
-    be fine-tuned from the source model at once (:func:`preprocess_with_source_plans`)."""
+    be fine-tuned from the source model at once (:func:`preprocess_with_source_plans`). With a ``part`` of several,
+    only predict that part's cases into the cache and return ``{"part": ..., "predicted": [case ids]}``."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
@@ -175,7 +181,8 @@ def run_pseudolabel(dataset: str, configuration: str, folds: Sequence[str], new_
     source_name = maybe_convert_to_dataset_name(dataset)
     source = load_raw_dataset(Path(nnUNet_raw.require()) / source_name)
     new_name = new_name or default_new_name(source_name)
-    check_new_dataset_id(new_id, new_name, source_name, overwrite)  # before the expensive part
+    if part.is_whole:  # before the expensive part (a part writes only into the cache; the final run checks it)
+        check_new_dataset_id(new_id, new_name, source_name, overwrite)
     model = resolve_model(source_name, trainer, plans, configuration, folds, checkpoint)
     needs_confidence = save_confidence or min_confidence is not None or max_cases is not None
     settings = InferenceSettings(use_mirroring=use_mirroring, tile_step_size=tile_step_size,
@@ -183,7 +190,12 @@ def run_pseudolabel(dataset: str, configuration: str, folds: Sequence[str], new_
     cache = Path(cache_dir) if cache_dir else default_cache_dir(model)
     cases = {c: [str(f) for f in source.image_files("imagesUnlabeled", c)] for c in source.split.unlabeled}
     records = predict_unlabeled(model, cases, cache, settings, device, num_processes_preprocessing,
-                                num_processes_export, show_progress)
+                                num_processes_export, show_progress, part)
+    if not part.is_whole:
+        print(f"part {part.part_id} of {part.num_parts}: {len(records)} unlabeled cases predicted in {cache}; when "
+              f"every part has finished, run the same command without -num_parts -part_id to select the cases and "
+              f"write dataset {new_id}")
+        return {"part": [part.part_id, part.num_parts], "predicted": sorted(records)}
 
     foreground = sorted(k for k in source.class_names() if k > 0 and k != source.dataset_json["labels"].get("ignore"))
     stats = case_stats(records, confidence_region if needs_confidence else None)
@@ -280,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
                              "preprocess configuration -c, ready for nnUNetTrainerPseudoLabelFinetune "
                              "-pretrained_weights")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_part_arguments(parser)
     args = parser.parse_args(argv)
     try:
         run_pseudolabel(args.d, args.c, args.f, args.o, trainer=args.tr, plans=args.p, checkpoint=args.chk,
@@ -288,7 +301,8 @@ def main(argv: list[str] | None = None) -> None:
                         save_confidence=args.save_confidence, use_mirroring=not args.disable_tta,
                         tile_step_size=args.step_size, device=args.device, num_processes_preprocessing=args.npp,
                         num_processes_export=args.nps, cache_dir=args.cache_dir, overwrite=args.overwrite,
-                        show_progress=not args.no_progress, preprocess=args.preprocess)
+                        show_progress=not args.no_progress, preprocess=args.preprocess,
+                        part=Part(args.num_parts, args.part_id))
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # user errors: one clear line, no traceback
         print(f"nnssl_pseudolabel: error: {e}", file=sys.stderr)
         sys.exit(1)

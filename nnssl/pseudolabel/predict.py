@@ -17,6 +17,9 @@ nnU-Net's own (``nnUNetPredictor`` initialised from the trained model folder, nn
 - **resumability**: every file is written under a temporary name and moved into place, the record last, so a
   killed run leaves no case that looks complete but is not; a rerun predicts only the missing cases. This is why
   nnU-Net's ``predict_from_files`` (which writes in place and counts any existing file as done) is not used as is.
+- **parts** (``-num_parts N -part_id i``, :mod:`nnssl.parts`): part ``i`` predicts only its cases, through its own
+  temporary folder, into the same cache; it refuses a cache holding another model's predictions (discarding them
+  would delete what the other parts are writing): run once without parts, or pass another cache folder.
 - **bounded memory**: one case at a time per export worker; confidence is reduced to the max probability in the
   worker, so no ``K``-channel probability map is ever written to disk (nnU-Net's ``--save_probabilities`` would
   write one per case).
@@ -36,7 +39,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from nnssl.errors import InputError
 from nnssl.io import atomic_write_json
+from nnssl.parts import Part
 from nnssl.pseudolabel.selection import class_voxel_counts
 
 CACHE_MANIFEST = "pseudolabel_cache.json"
@@ -165,16 +170,21 @@ def is_case_complete(cache_dir: Path, case_id: str, file_ending: str, settings: 
     return True
 
 
-def prepare_cache(cache_dir: Path, manifest: dict[str, Any]) -> None:
-    """Create the cache, drop leftovers of a killed run, and discard predictions made by another model/settings."""
+def prepare_cache(cache_dir: Path, manifest: dict[str, Any], part: Part = Part()) -> None:
+    """Create the cache, drop leftovers of this part's killed run, and discard predictions made by another
+    model/settings (a part refuses instead: the other parts may be writing there)."""
     cache_dir.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(cache_dir / PARTIAL_DIR, ignore_errors=True)
+    shutil.rmtree(cache_dir / part.partial_dir_name(PARTIAL_DIR), ignore_errors=True)
     manifest_file = cache_dir / CACHE_MANIFEST
     if manifest_file.is_file():
         try:
             old = json.loads(manifest_file.read_text())
         except json.JSONDecodeError:
             old = None
+        if old != manifest and not part.is_whole:
+            raise InputError(f"{manifest_file}: the cache holds predictions of another checkpoint or other inference "
+                             f"settings; a part does not discard them (other parts write there): run once without "
+                             f"-num_parts, or pass another --cache-dir")
         if old != manifest:
             print(f"note: {cache_dir} holds predictions of another checkpoint or other inference settings; "
                   f"they are discarded and the cases predicted again")
@@ -191,7 +201,8 @@ def _mean_or_none(values: np.ndarray) -> float | None:
 
 
 def export_case(logits: np.ndarray, properties: dict, case_id: str, cache_dir: str, plans: dict,
-                configuration: str, dataset_json: dict, compute_confidence: bool, save_confidence: bool) -> dict:
+                configuration: str, dataset_json: dict, compute_confidence: bool, save_confidence: bool,
+                partial_name: str = PARTIAL_DIR) -> dict:
     """Resample ``logits`` to the original image, write the argmax label map, its statistics and (optionally)
     the max-probability map atomically into ``cache_dir``; return the case record.
 
@@ -200,7 +211,7 @@ def export_case(logits: np.ndarray, properties: dict, case_id: str, cache_dir: s
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     cache = Path(cache_dir)
-    partial = cache / PARTIAL_DIR
+    partial = cache / partial_name
     partial.mkdir(exist_ok=True)
     plans_manager = PlansManager(plans)
     configuration_manager = plans_manager.get_configuration(configuration)
@@ -305,9 +316,9 @@ def make_predictor(source: ModelSource, settings: InferenceSettings, device):
 def predict_unlabeled(source: ModelSource, cases: dict[str, list[str]], cache_dir: str | os.PathLike,
                       settings: InferenceSettings, device_name: str | None = None,
                       num_processes_preprocessing: int = 2, num_processes_export: int = 2,
-                      show_progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Predict every case of ``cases`` (case id -> channel files) not yet complete in ``cache_dir``; return the
-    record of every case (cached and new), keyed by case id.
+                      show_progress: bool = True, part: Part = Part()) -> dict[str, dict[str, Any]]:
+    """Predict every case of ``cases`` (case id -> channel files; with ``part`` only that part's) not yet complete
+    in ``cache_dir``; return the record of every such case (cached and new), keyed by case id.
 
     ``num_processes_preprocessing`` / ``num_processes_export``: nnU-Net's ``-npp`` / ``-nps``; 0 runs that step
     in this process (slower on big data, lighter on small machines and in tests).
@@ -317,18 +328,19 @@ def predict_unlabeled(source: ModelSource, cases: dict[str, list[str]], cache_di
     if num_processes_preprocessing < 0 or num_processes_export < 0:
         raise ValueError("-npp and -nps must be >= 0")
     cache = Path(cache_dir)
-    prepare_cache(cache, cache_manifest(source, settings))
+    cases = {c: cases[c] for c in part.select(cases)}
+    prepare_cache(cache, cache_manifest(source, settings), part)
     model_dataset_json = json.loads((Path(source.model_folder) / "dataset.json").read_text())
     ending = model_dataset_json["file_ending"]
     todo = {c: [str(f) for f in files] for c, files in cases.items()
             if not is_case_complete(cache, c, ending, settings)}
-    print(f"{len(cases) - len(todo)}/{len(cases)} unlabeled cases already predicted in {cache}")
+    print(f"{len(cases) - len(todo)}/{len(cases)} unlabeled cases{part.describe()} already predicted in {cache}")
     if todo:
         device = make_device(device_name)
         predictor = make_predictor(source, settings, device)
         plans = predictor.plans_manager.plans
         args = (str(cache), plans, source.configuration, predictor.dataset_json, settings.compute_confidence,
-                settings.save_confidence)
+                settings.save_confidence, part.partial_dir_name(PARTIAL_DIR))
         bar = tqdm(total=len(todo), desc="pseudo-labels", unit="case", disable=not show_progress)
         try:
             if num_processes_export == 0:
@@ -341,7 +353,10 @@ def predict_unlabeled(source: ModelSource, cases: dict[str, list[str]], cache_di
                                           bar)
         finally:
             bar.close()
-    shutil.rmtree(cache / PARTIAL_DIR, ignore_errors=True)
+    shutil.rmtree(cache / part.partial_dir_name(PARTIAL_DIR), ignore_errors=True)
+    if part.is_whole:  # run after the parts: what a killed part left behind
+        for leftover in cache.glob(f"{PARTIAL_DIR}-part*"):
+            shutil.rmtree(leftover, ignore_errors=True)
     missing = [c for c in cases if not is_case_complete(cache, c, ending, settings)]
     if missing:
         raise RuntimeError(f"prediction finished but cases are incomplete in {cache}: {missing[:10]}")

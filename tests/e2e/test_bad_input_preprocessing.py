@@ -304,6 +304,69 @@ def test_truncated_withheld_npy_makes_the_case_redone(planned, tmp_path):
     assert npy.read_bytes() == full and is_case_done(folder, cases[0], has_withheld_label=True)
 
 
+def _case_arrays(folder: Path, withheld: Path, case: str) -> dict:
+    import pickle
+
+    import blosc2
+
+    from nnssl.preprocessing.unlabeled import DIGEST_KEY
+
+    props = pickle.loads((folder / f"{case}.pkl").read_bytes())
+    props.pop(DIGEST_KEY)
+    return {"data": blosc2.open(str(folder / f"{case}.b2nd"), mode="r")[:],
+            "seg": blosc2.open(str(folder / f"{case}_seg.b2nd"), mode="r")[:],
+            "withheld": np.load(withheld / f"{case}.npy"), "props": props}
+
+
+def test_unlabeled_preprocessing_in_two_concurrent_parts_equals_one_run(planned, tmp_path):
+    """-num_parts 2: both parts at once into one folder give the arrays of one run; the run without parts then
+    finds every case done; a case made with other parameters (its digest) is redone by its part only."""
+    import pickle
+    import subprocess
+
+    from e2e_utils import assert_nested_equal
+
+    from nnssl.preprocessing.unlabeled import DIGEST_KEY
+
+    root, raw, env = _copy(planned, tmp_path)
+    pp = root / "preprocessed" / raw.name
+    folder, withheld = pp / "nnUNetPlans_3d_fullres_unlabeled", pp / "nnUNetPlans_3d_fullres_unlabeled_withheld_labels"
+    cases = sorted(_split(raw)["unlabeled"])
+    reference = {c: _case_arrays(folder, withheld, c) for c in cases}  # made by nnssl_plan_and_preprocess
+    shutil.rmtree(folder)
+    shutil.rmtree(withheld)
+
+    cmd = [UNLABELED, "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-num_parts", "2"]
+    procs = [subprocess.Popen([*cmd, "-part_id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "(part 0 of 2) (0/2 already done)" in outputs[0] and "(part 1 of 2) (0/1 already done)" in outputs[1]
+    assert "without -num_parts" in outputs[0]
+    assert sorted(p.stem for p in folder.glob("*.pkl")) == cases
+    for case in cases:
+        assert_nested_equal(_case_arrays(folder, withheld, case), reference[case])
+    assert not list(folder.glob(".partial*"))
+
+    proc = run_cli([UNLABELED, "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1"], env)
+    assert f"({len(cases)}/{len(cases)} already done)" in proc.stdout + proc.stderr
+
+    # a case whose .pkl records other preprocessing parameters is redone, by the part it belongs to
+    stale = cases[1]  # part 1 of 2
+    props = pickle.loads((folder / f"{stale}.pkl").read_bytes())
+    (folder / f"{stale}.pkl").write_bytes(pickle.dumps({**props, DIGEST_KEY: "made-with-other-plans"}))
+    proc = run_cli([*cmd, "-part_id", "0"], env)
+    assert "(part 0 of 2) (2/2 already done)" in proc.stdout + proc.stderr
+    proc = run_cli([*cmd, "-part_id", "1"], env)
+    assert "(part 1 of 2) (0/1 already done)" in proc.stdout + proc.stderr
+    assert_nested_equal(_case_arrays(folder, withheld, stale), reference[stale])
+
+    before = tree_snapshot(root)
+    proc = run_script([*cmd, "-part_id", "2"], env=env)
+    assert_user_error(proc, "-part_id", "0..1")
+    assert_unchanged(before, root)
+
+
 # ----------------------------------------------------------------------------------------------- item 5 and 10
 
 

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 SOURCE_TRAINER = "nnUNetTrainerSupervised"
 FINETUNE_TRAINER = "nnUNetTrainerPseudoLabelFinetune_plWeight05"
 FOLD = "2"  # a fold no other test trains with these trainers
-NEW_ID, ROUND2_ID = 601, 602
+NEW_ID, ROUND2_ID, PARTS_ID = 601, 602, 604
 SHORT = {"NNSSL_NUM_EPOCHS": "1", "NNSSL_ITERATIONS_PER_EPOCH": "2", "NNSSL_VAL_ITERATIONS_PER_EPOCH": "1"}
 FOREGROUND = [1, 2, 3, 4]
 
@@ -178,3 +178,48 @@ def test_clear_errors(synthetic3d, source_model):
     proc = _pseudolabel(ds, ds.dataset_id, expect_ok=False)
     assert proc.returncode == 1 and "id of the source dataset" in proc.stderr
     assert not list(ds.raw.parent.glob("Dataset603_*"))
+
+
+def test_pseudolabel_in_two_concurrent_parts_equals_one_run(synthetic3d, source_model, tmp_path):
+    """-num_parts 2 -part_id 0/1 at once into one cache, then the command without parts: the same pseudo-labels and
+    the same dataset as one run; a part refuses a cache of another model instead of discarding it."""
+    import subprocess
+
+    ds = synthetic3d
+    unlabeled = sorted(json.loads((ds.raw / "ssl_split.json").read_text())["unlabeled"])
+    one_cache, parts_cache = tmp_path / "one", tmp_path / "parts"
+    args = ["--min-voxels", "0", "-npp", "0", "-nps", "0"]
+    _pseudolabel(ds, PARTS_ID, *args, "--cache-dir", str(one_cache))
+    one_report = json.loads((next(ds.raw.parent.glob(f"Dataset{PARTS_ID}_*")) / "pseudolabel_report.json").read_text())
+
+    cmd = ["nnssl_pseudolabel", "-d", str(ds.dataset_id), "-c", "3d_fullres", "-f", FOLD, "-tr", SOURCE_TRAINER,
+           "-o", str(PARTS_ID), "-device", "cpu", "--disable-tta", "--no-progress", *args, "--cache-dir",
+           str(parts_cache), "-num_parts", "2"]
+    procs = [subprocess.Popen([*cmd, "-part_id", str(i)], env=ds.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    halves = (len(unlabeled) + 1) // 2, len(unlabeled) // 2
+    for i, (out, n) in enumerate(zip(outputs, halves)):
+        assert f"0/{n} unlabeled cases (part {i} of 2) already predicted" in out
+        assert f"part {i} of 2: {n} unlabeled cases predicted" in out and "without -num_parts" in out
+    assert sorted(p.stem for p in parts_cache.glob("*.json") if p.name != "pseudolabel_cache.json") == unlabeled
+    assert not list(parts_cache.glob(".partial*"))
+    for case in unlabeled:
+        assert np.array_equal(_read(parts_cache / f"{case}.nii.gz"), _read(one_cache / f"{case}.nii.gz")), case
+
+    proc = _pseudolabel(ds, PARTS_ID, *args, "--cache-dir", str(parts_cache), "--overwrite")
+    assert f"{len(unlabeled)}/{len(unlabeled)} unlabeled cases already predicted" in proc.stdout
+    new_dir = next(ds.raw.parent.glob(f"Dataset{PARTS_ID}_*"))
+    report = json.loads((new_dir / "pseudolabel_report.json").read_text())
+    for key in ("selected", "num_selected", "num_predicted"):
+        assert report[key] == one_report[key], key
+    assert [c["voxel_counts"] for c in report["cases"]] == [c["voxel_counts"] for c in one_report["cases"]]
+
+    manifest = parts_cache / "pseudolabel_cache.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "checkpoint_sha256": ["another model"]}))
+    refused = run_cli([*cmd, "-part_id", "0"], ds.env, expect_ok=False)
+    assert refused.returncode == 1 and "pseudolabel_cache.json" in refused.stderr and "--cache-dir" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert len(list(parts_cache.glob("*.nii.gz"))) == len(unlabeled)  # nothing discarded
+    shutil.rmtree(new_dir)  # not planned: keep the shared raw folder tidy for other tests
