@@ -69,9 +69,12 @@ import numpy as np
 
 from nnssl.benchmark.budget import BUDGETS, CALIBRATION_SCHEDULE, ITERATIONS, SMOKE_CALIBRATION_SCHEDULE, budgets_of
 from nnssl.benchmark.full_reference import missing_withheld_labels
+from nnssl.benchmark.generated import GenerationSettings, note_for, split_row_name
 from nnssl.benchmark.presets import (
     DEFAULT_PRESETS,
     FULL_OFFSET,
+    GENERATED_BOTH_OFFSET,
+    GENERATED_ONLY_OFFSET,
     PL_OFFSET,
     PRESETS,
     SMOKE_PRESET,
@@ -106,6 +109,8 @@ PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
 # the fully supervised reference: BASELINE trained on the labeled + unlabeled cases with their withheld labels
 FULL_REFERENCE = "FullySupervised"
 FULL_REFERENCE_REGISTRY = "full_reference_datasets.json"
+# the generated rows <trainer>[real+generated] / <trainer>[generated] (nnssl.benchmark.generated)
+GENERATED_REGISTRIES = ("generated_both_datasets.json", "generated_only_datasets.json")
 # The FLARE22 rule (every organ >= 2000 voxels) is meant for CT volumes of ~10^7 voxels. On the synthetic 3D set
 # (adrenal 4-12 voxels) a stage-1 model trained for the CPU preset never predicts the adrenal, so any positive
 # threshold selects no case (measured at 1.5x voxel size: 0 of 16 at 20 voxels); the synthetic preset keeps every case.
@@ -142,8 +147,12 @@ def check_trainers(names: list[str]) -> list[str]:
     unknown = []
     for name in names:
         try:
+            trainer, _ = split_row_name(name)  # a generated row names its trainer and its unlabeled set
+        except ValueError as e:
+            raise InputError(f"--trainers: {e}") from None
+        try:
             with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search module by module
-                recursive_find_trainer_class_by_name(name)
+                recursive_find_trainer_class_by_name(trainer)
         except RuntimeError:
             unknown.append(name)
     if unknown:
@@ -297,18 +306,36 @@ def _full_reference_stage(dataset_id: int, full_id: int, configuration: str, fol
             f"+ preprocessing {time.time() - start:.0f} s")
 
 
+def _generated_stage(dataset_id: int, ids: tuple[int, int], configuration: str, settings: GenerationSettings,
+                     env: dict[str, str], out: Path, device: str, tag: str) -> dict:
+    """The datasets of the generated rows of ``dataset_id`` (:mod:`nnssl.benchmark.generated`, in a subprocess
+    with this run's nnU-Net paths; built once per seed, reused by the other generated row)."""
+    log = out / f"{tag}_generation.log"
+    cmd = [sys.executable, "-m", "nnssl.benchmark.generated", "-s", str(dataset_id), "-b", str(ids[0]), "-g",
+           str(ids[1]), "-c", configuration, "-n", str(settings.n_images), "--preset", settings.preset, "--seed",
+           str(settings.seed), "-device", device]
+    for option, value in (("--ae-epochs", settings.ae_epochs), ("--ldm-epochs", settings.ldm_epochs)):
+        if value is not None:
+            cmd += [option, str(value)]
+    _run(cmd, env, log)
+    return json.loads(log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1])
+
+
 def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
                 device: str, seed: int, pseudo_label_round: PseudoLabelRound | None = None,
-                disable_tta: bool = False, full_reference_id: int | None = None, tag_suffix: str = "") -> RunResult:
+                disable_tta: bool = False, full_reference_id: int | None = None, tag_suffix: str = "",
+                generated_ids: tuple[int, int] | None = None,
+                generation: GenerationSettings | None = None) -> RunResult:
     """One row: ``trainer`` on ``dataset_id`` (or, for :data:`FULL_REFERENCE`, :data:`BASELINE` on the fully
-    labeled dataset ``full_reference_id``), scored on ``dataset_id``'s test set."""
+    labeled dataset ``full_reference_id``; for ``<trainer>[variant]`` the trainer on the dataset with that unlabeled
+    set, ``generated_ids`` = (real + generated, generated only)), scored on ``dataset_id``'s test set."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     os.environ.update({k: env[k] for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")})
     dataset = maybe_convert_to_dataset_name(dataset_id)
     raw = Path(env["nnUNet_raw"]) / dataset
     result = RunResult(trainer, dataset, seed, schedule=schedule_text(env))
-    tag = f"{dataset}_{configuration}_{trainer}_seed{seed}{tag_suffix}"
+    tag = re.sub(r"[^\w.+-]", "_", f"{dataset}_{configuration}_{trainer}_seed{seed}{tag_suffix}")
     start = time.time()
     try:
         if trainer == FULL_REFERENCE:
@@ -318,6 +345,15 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
                                                  tag)
             pred = _train_and_predict(BASELINE, full_reference_id, raw, configuration, fold, env, out, device, tag,
                                       result, disable_tta)
+        elif split_row_name(trainer)[1] is not None:
+            if generated_ids is None or generation is None:
+                raise ValueError(f"{trainer} needs the ids of its datasets and the generation settings")
+            name, variant = split_row_name(trainer)
+            made = _generated_stage(dataset_id, generated_ids, configuration, generation, env, out, device, tag)
+            result.notes = note_for(made, variant)
+            train_id = generated_ids[0] if variant == "real+generated" else generated_ids[1]
+            pred = _train_and_predict(name, train_id, raw, configuration, fold, env, out, device, tag, result,
+                                      disable_tta)
         elif is_pseudo_label_row(trainer):
             if pseudo_label_round is None:
                 raise ValueError(f"{trainer} needs a pseudo-label round (new dataset id, selection rule)")
@@ -351,7 +387,7 @@ def pseudo_label_dataset_id(out: Path, source_id: int, configuration: str, fold:
 def _registered_ids(out: Path) -> set[int]:
     """Ids this output folder's registries hold (datasets it will make, maybe not on disk yet)."""
     ids: set[int] = set()
-    for name in (PSEUDO_LABEL_REGISTRY, FULL_REFERENCE_REGISTRY):
+    for name in (PSEUDO_LABEL_REGISTRY, FULL_REFERENCE_REGISTRY, *GENERATED_REGISTRIES):
         if (out / name).is_file():
             ids |= {int(v) for v in json.loads((out / name).read_text()).values()}
     return ids
@@ -719,6 +755,8 @@ class DatasetRun:
     # known up front for generated data, whose raw folder only exists once a row needs computing (a rerun that
     # reuses every row of a seed never generates it); "" = look it up in nnUNet_raw
     dataset_name: str = ""
+    generated_ids: tuple[int, int] | None = None  # (real + generated, generated only) of the generated rows
+    generation: GenerationSettings | None = None
 
 
 def row_key_of(run: DatasetRun, trainer: str, device: str, disable_tta: bool, budget: str = ITERATIONS) -> dict:
@@ -729,6 +767,8 @@ def row_key_of(run: DatasetRun, trainer: str, device: str, disable_tta: bool, bu
     options: dict = {"device": device, "disable_tta": disable_tta}
     if is_pseudo_label_row(trainer) and run.pl_round is not None:
         options["pl_min_voxels"] = run.pl_round.min_voxels
+    if split_row_name(trainer)[1] is not None and run.generation is not None:
+        options["generation"] = run.generation.to_dict()
     if budget != ITERATIONS:
         options["budget"] = budget
     return row_key(run.dataset_id, run.configuration, run.fold, trainer, run.seed, run.env, run.data, **options)
@@ -742,8 +782,8 @@ def is_reference(trainer: str) -> bool:
 def budget_trainers(trainers: list[str], budget: str, budgets: list[str] | None = None) -> list[str]:
     """The rows of ``budget`` when ``budgets`` run: at equal iterations every trainer (only the references when the
     time budget runs alone: they are its references too), at equal time the SSL trainers."""
-    if budget != ITERATIONS:
-        return [t for t in trainers if not is_reference(t)]
+    if budget != ITERATIONS:  # a generated row costs what its plain row costs: only at equal iterations
+        return [t for t in trainers if not is_reference(t) and split_row_name(t)[1] is None]
     return list(trainers) if budgets is None or ITERATIONS in budgets else [t for t in trainers if is_reference(t)]
 
 
@@ -911,7 +951,8 @@ def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disab
         print(f"[{time.time() - start:.0f} s] {run.label}: {label}")
         result = run_trainer(trainer, row_run.dataset_id, row_run.configuration, row_run.fold, row_run.env, out,
                              device, row_run.seed, row_run.pl_round, disable_tta, row_run.full_id,
-                             "" if budget == ITERATIONS else f"_equal_{budget}")
+                             "" if budget == ITERATIONS else f"_equal_{budget}", row_run.generated_ids,
+                             row_run.generation)
         if budget != ITERATIONS:
             result.budget, result.time_scale = budget, scale
             result.notes = "; ".join(n for n in (budget_note, result.notes) if n)
@@ -945,6 +986,13 @@ def raw_data_text(env: dict[str, str], dataset_id: int) -> str:
     split = raw / "ssl_split.json"
     digest = hashlib.sha256(split.read_bytes()).hexdigest()[:16] if split.is_file() else "no ssl_split.json"
     return f"{raw} split {digest}"
+
+
+def generation_settings(args: argparse.Namespace, n_real_unlabeled: int, seed: int) -> GenerationSettings:
+    """Stage 1 of the generated rows: ``--generated-images`` (default: as many as the real unlabeled cases, so that
+    [generated] and the plain row compare sets of one size), ``--ldm-preset``, ``--ldm-epochs``, the data seed."""
+    ae, ldm = args.ldm_epochs or (None, None)
+    return GenerationSettings(args.generated_images or n_real_unlabeled, args.ldm_preset, ae, ldm, seed)
 
 
 def order_rows(trainers: list[str], full_reference: bool) -> list[str]:
@@ -1044,6 +1092,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="iterations (default): every row trains the schedule; time: every SSL row trains as "
                              f"long as {BASELINE} on it (iterations per epoch scaled by a short speed calibration, "
                              "saved under OUTPUT/calibration); both: both sets of rows (the references are shared)")
+    parser.add_argument("--generated-images", type=int, default=None,
+                        help="images stage 1 generates for the rows <trainer>[real+generated] and <trainer>[generated] "
+                             "(default: as many as the real unlabeled cases)")
+    parser.add_argument("--ldm-preset", default="tiny",
+                        help="nnssl_generate_unlabeled --preset of those rows (default tiny: the CPU size)")
+    parser.add_argument("--ldm-epochs", type=int, nargs=2, default=None, metavar=("AE", "LDM"),
+                        help="autoencoder and diffusion epochs of that stage (default: the preset's)")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,
                      help="predict the test set without mirroring (nnUNetv2_predict --disable_tta; default with "
@@ -1109,7 +1164,9 @@ def main(argv: list[str] | None = None) -> None:
                 run = DatasetRun(dataset_id, configuration, args.f or preset.fold, env_run, seed,
                                  preset.data_text(seed), PseudoLabelRound(dataset_id + PL_OFFSET, min_voxels),
                                  dataset_id + FULL_OFFSET, f"seed {seed} {preset.name} ({dataset_id} {configuration})",
-                                 calibration_schedule, synthetic_dataset_name(preset))
+                                 calibration_schedule, synthetic_dataset_name(preset),
+                                 (dataset_id + GENERATED_BOTH_OFFSET, dataset_id + GENERATED_ONLY_OFFSET),
+                                 generation_settings(args, preset.n_unlabeled, seed))
                 if rows_to_compute(run, trainers, budgets, out, device, disable_tta):
                     make_synthetic(root, preset, seed)  # deterministic in (preset, seed): a rerun makes the same data
                 for budget in dict.fromkeys([ITERATIONS, *budgets]):
@@ -1122,6 +1179,13 @@ def main(argv: list[str] | None = None) -> None:
             env.update(schedule_env(args.epochs, args.iterations, None, args.lr))
         run = DatasetRun(args.d, args.c, args.f, env, 0, raw_data_text(env, args.d), label=f"dataset {args.d} {args.c}",
                          calibration_schedule=calibration_schedule)
+        if any(split_row_name(t)[1] for t in trainers):
+            run.generated_ids = tuple(derived_dataset_id(out, registry, args.d, args.c, args.f, env, None,
+                                                         "a dataset of the generated rows", "--trainers")
+                                      for registry in GENERATED_REGISTRIES)
+            n_real = len(json.loads((raw_folder(env, args.d) / "ssl_split.json").read_text())["unlabeled"])
+            run.generation = generation_settings(args, n_real, 0)
+            print(f"nnssl_benchmark: the datasets of the generated rows are {run.generated_ids}")
         if any(is_pseudo_label_row(t) for t in trainers):
             run.pl_round = PseudoLabelRound(pseudo_label_dataset_id(out, args.d, args.c, args.f, env,
                                                                     args.pl_dataset_id), min_voxels)

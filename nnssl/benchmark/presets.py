@@ -9,7 +9,8 @@ row; the test set is only predicted at the end.
 
 The dataset ids are fixed per preset (every seed has its own ``nnUNet_raw``, so the rows of the seeds average
 together); the pseudo-labeled and fully labeled datasets derived from preset ``id`` are ``id + PL_OFFSET`` and
-``id + FULL_OFFSET``.
+``id + FULL_OFFSET``; the real + generated and generated-only datasets of the generated rows
+(:mod:`nnssl.benchmark.generated`) ``id + GENERATED_BOTH_OFFSET`` and ``id + GENERATED_ONLY_OFFSET``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 PL_OFFSET = 2
 FULL_OFFSET = 4
+GENERATED_BOTH_OFFSET = 6
+GENERATED_ONLY_OFFSET = 8
 
 
 @dataclass(frozen=True)
