@@ -4,6 +4,7 @@ from torch import nn
 from nnssl.losses.adsh import AdaptiveThresholds, adsh_cps_loss, class_sampling_mask
 from nnssl.preprocessing.unlabeled import completed_cases, unlabeled_folder
 from nnssl.training.dhc_zoo import DHCZooTrainerBase
+from nnssl.training.passes import PAIR_PASSES
 
 
 class nnUNetTrainerAdsh(DHCZooTrainerBase):
@@ -24,6 +25,7 @@ class nnUNetTrainerAdsh(DHCZooTrainerBase):
     """
 
     log_prefix = "adsh"
+    network_passes = PAIR_PASSES
     adsh_thresh_major: float = 0.9
     adsh_bank_size: int | None = None
     adsh_max_bank_size: int = 16

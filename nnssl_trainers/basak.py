@@ -6,6 +6,7 @@ from nnssl.losses.cps import hard_pseudo_label
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
 from nnssl.training.dhc_zoo import DHCEpochRamp
+from nnssl.training.passes import TEACHER_PASSES
 from nnssl.training.step import SSLTerms
 
 
@@ -31,6 +32,7 @@ class nnUNetTrainerBasak(DHCEpochRamp, nnUNetTrainerSSLBase):
     teacher_ema_decay = 0.99
     unsupervised_weight = 0.1  # DHC launch config -w 0.1 (the script's default is 1)
     log_prefix = "basak"
+    network_passes = TEACHER_PASSES
     supports_regions = False
     supports_ignore_label = False
     unsupported_reason = "per-class statistics and sampling of hard pseudo-labels need plain label classes"

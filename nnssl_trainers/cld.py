@@ -3,6 +3,7 @@ import torch
 from nnssl.losses.class_sampling import CLDStatistics, class_sampling_map, sampled_cross_entropy
 from nnssl.losses.cps import hard_pseudo_label
 from nnssl.training.class_weighted_cps import ClassWeightedCPSTrainer
+from nnssl.training.passes import PAIR_PASSES
 from nnssl.training.step import SSLTerms
 
 
@@ -25,6 +26,7 @@ class nnUNetTrainerCLD(ClassWeightedCPSTrainer):
     """
 
     log_prefix = "cld"
+    network_passes = PAIR_PASSES
     confidence_momentum: float = 0.999
     confidence_update_every: int = 8  # DHC --confs_iter
     sampling_gamma: float = 0.5

@@ -13,6 +13,7 @@ from nnssl.losses.cps import cps_loss_on_batch
 from nnssl.network_pair import NetworkPair, xavier_normal_init_
 from nnssl.tensors import argmax_agreement, as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.passes import PAIR_PASSES, NetworkPass
 from nnssl.training.step import SSLTerms
 
 
@@ -38,6 +39,7 @@ class nnUNetTrainerCPS(nnUNetTrainerSSLBase):
     unsupervised_weight = 0.1
     cps_on_labeled: bool = False
     log_prefix = "cps"
+    network_passes = PAIR_PASSES
     supports_regions = False
     unsupported_reason = "hard pseudo-labels need mutually exclusive (softmax) classes"
 
@@ -74,6 +76,7 @@ class nnUNetTrainerCPS_ensemble(nnUNetTrainerCPS):
     """
 
     second_network = None  # network 2 lives inside self.network (the pair)
+    network_passes = (NetworkPass("both", True, scale=2.0, note="the pair: both networks in one module"),)
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -1,5 +1,6 @@
 from nnssl.losses.class_rebalancing import CReSTWeights
 from nnssl.training.class_weighted_cps import RebalancedCPSTrainer
+from nnssl.training.passes import PAIR_PASSES
 
 
 class nnUNetTrainerCReST(RebalancedCPSTrainer):
@@ -20,4 +21,5 @@ class nnUNetTrainerCReST(RebalancedCPSTrainer):
     """
 
     log_prefix = "crest"
+    network_passes = PAIR_PASSES
     weights_class = CReSTWeights

@@ -4,6 +4,7 @@ from torch import nn
 from nnssl.losses.depl import DebiasedPseudoLabels
 from nnssl.losses.masked_ce import masked_cps_loss
 from nnssl.training.dhc_zoo import DHCZooTrainerBase
+from nnssl.training.passes import PAIR_PASSES
 
 
 class nnUNetTrainerDePL(DHCZooTrainerBase):
@@ -23,6 +24,7 @@ class nnUNetTrainerDePL(DHCZooTrainerBase):
     """
 
     log_prefix = "depl"
+    network_passes = PAIR_PASSES
     depl_tau: float = 1.0
     depl_threshold: float = 0.9
     depl_momentum: float = 0.99

@@ -15,6 +15,7 @@ from nnssl.training.class_statistics import (
     fold_labeled_class_counts,
     rounded,
 )
+from nnssl.training.passes import PAIR_PASSES
 from nnssl.training.step import SSLTerms
 
 __all__ = ["DIFFDW_LOG", "DISTDW_LOG", "nnUNetTrainerDHC"]
@@ -48,6 +49,7 @@ class nnUNetTrainerDHC(nnUNetTrainerSSLBase):
     unsupervised_weight = 0.1
     rampup_epochs: int | None = None  # None: num_epochs (DHC: max_epoch)
     log_prefix = "dhc"
+    network_passes = PAIR_PASSES
     legacy_network_names = {"network_b": "network2"}
     legacy_state_names = ("dhc",)
     supports_regions = False

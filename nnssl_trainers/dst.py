@@ -12,6 +12,7 @@ from nnssl.network_pair import xavier_normal_init_
 from nnssl.networks.dst_heads import EncoderSkipsTap, encoder_free_decoder
 from nnssl.tensors import as_list
 from nnssl.training.dhc_zoo import DHCZooTrainerBase
+from nnssl.training.passes import PAIR_PASSES, NetworkPass
 
 
 class nnUNetTrainerDST(DHCZooTrainerBase):
@@ -35,6 +36,11 @@ class nnUNetTrainerDST(DHCZooTrainerBase):
     """
 
     log_prefix = "dst"
+    # both networks, then per network a frozen pseudo head (no grad) and a worst-case head on its encoder's skips
+    # (decoders without an encoder: about half a network each)
+    network_passes = (*PAIR_PASSES, *(NetworkPass("both", backward, f"{role}_head_{name}", scale=0.5)
+                                      for name in ("a", "b") for role, backward in (("pseudo", False),
+                                                                                  ("worst", True))))
     dst_threshold: float = 0.95
     confidence_threshold = 0.95
     worst_labeled_weight: float = 2.0

@@ -3,6 +3,7 @@ import torch
 from nnssl.losses.entropy import softmax_entropy
 from nnssl.tensors import as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.passes import ONE_NETWORK_PASSES
 from nnssl.training.step import SSLTerms
 
 
@@ -17,6 +18,7 @@ class nnUNetTrainerEntropyMin(nnUNetTrainerSSLBase):
 
     unsupervised_weight = 0.1
     log_prefix = "entmin"
+    network_passes = ONE_NETWORK_PASSES
     supports_regions = False
     unsupported_reason = "the entropy of a softmax needs mutually exclusive classes"
 

@@ -23,6 +23,7 @@ from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channe
 from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
 from nnssl.training.class_statistics import fold_labeled_class_counts
+from nnssl.training.passes import PAIR_PASSES
 from nnssl.training.step import SSLTerms
 
 
@@ -47,6 +48,7 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
     guidance_weight: float = 0.3  # lambda ("lanmuda") of the README commands
     unsupervised_weight = 0.1  # "consistency" of the README commands; weight of KT-CPS and C after the ramp
     log_prefix = "guidednet"
+    network_passes = PAIR_PASSES
     legacy_state_names = ("kt_cps",)  # nnssl 0.1 checkpoints
     supports_regions = False
     unsupported_reason = "the method needs softmax class probabilities"

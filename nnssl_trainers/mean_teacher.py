@@ -3,6 +3,7 @@ import torch
 from nnssl.losses.consistency import gaussian_input_noise, softmax_mse_consistency
 from nnssl.tensors import as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.passes import TEACHER_PASSES, NetworkPass
 from nnssl.training.step import SSLTerms
 
 
@@ -30,6 +31,7 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
     noise_clip: float = 0.2
     consistency_on_labeled: bool = False
     log_prefix = "mt"
+    network_passes = TEACHER_PASSES
 
     def ssl_terms(self, data: torch.Tensor, target, unlabeled: torch.Tensor) -> SSLTerms:
         n_l = data.shape[0]
@@ -46,3 +48,4 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
 
 class nnUNetTrainerMeanTeacher_consistencyAll(nnUNetTrainerMeanTeacher):
     consistency_on_labeled = True
+    network_passes = (NetworkPass("both", True), NetworkPass("both", False, "teacher"))

@@ -14,6 +14,7 @@ from nnssl.networks.multi_decoder import (
 )
 from nnssl.tensors import full_resolution, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
+from nnssl.training.passes import NetworkPass
 from nnssl.training.step import SSLTerms
 
 
@@ -41,6 +42,8 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
 
     unsupervised_weight = 7.0
     log_prefix = "mgcc"
+    # one encoder + main decoder pass, and three auxiliary decoders (about half a network each: no encoder)
+    network_passes = (NetworkPass("both", True), NetworkPass("both", True, "auxiliary_decoders", scale=1.5))
     max_rampup_fraction: float = 1.5
     use_global_context: bool = True
     global_context_depth: int = 3
@@ -130,6 +133,8 @@ class nnUNetTrainerMGCC_mainSupervisionOnly(nnUNetTrainerMGCC):
     """Supervised loss on the main decoder only; the auxiliary decoders see the unlabeled patches only."""
 
     supervise_auxiliary = False
+    network_passes = (NetworkPass("both", True),
+                      NetworkPass("unlabeled", True, "auxiliary_decoders", scale=1.5))
 
 
 class nnUNetTrainerMGCC_lambda1(nnUNetTrainerMGCC):

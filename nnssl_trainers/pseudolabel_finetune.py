@@ -13,6 +13,7 @@ from nnssl.pseudolabel.weighting import pseudo_label_mask, pseudo_weighted_loss
 from nnssl.split import SPLIT_FILE_NAME
 from nnssl.tensors import unwrap
 from nnssl.training.environment import ScheduleFromEnvironment
+from nnssl.training.passes import SUPERVISED_PASSES
 
 
 class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
@@ -45,6 +46,7 @@ class nnUNetTrainerPseudoLabelFinetune(ScheduleFromEnvironment, nnUNetTrainer):
     pseudo_sampling_weight: float = 1.0
     use_data_augmentation: bool = False
     lr_decay_horizon_epochs: int | None = 500
+    network_passes = SUPERVISED_PASSES  # one network on labeled + pseudo-labeled patches
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):

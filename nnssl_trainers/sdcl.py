@@ -14,6 +14,7 @@ from nnssl.networks.second_student import RESENC_M_BLOCKS, build_second_student
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
 from nnssl.training.optimizers import ConstantLRAdam
+from nnssl.training.passes import NetworkPass
 from nnssl.training.step import SSLTerms
 
 
@@ -51,6 +52,10 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
     student2_convs_per_stage: Sequence[int] | int = 2
 
     log_prefix = "sdcl"
+    # stage 2 (self-training; nnssl_speed measures mid-schedule): both students on the two mixes (2 max(N_l, N_u)
+    # rows: the whole batch when N_l = N_u), the teacher on the unlabeled patches
+    network_passes = (NetworkPass("both", True), NetworkPass("both", True, "network2"),
+                      NetworkPass("unlabeled", False, "teacher"))
     legacy_network_names = {"student2": "network2"}
     legacy_state_groups = {"sdcl": ("sdcl_stage", "sdcl_self_training_start_epoch")}
     supports_regions = False

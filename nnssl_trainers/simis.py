@@ -1,5 +1,6 @@
 from nnssl.losses.class_rebalancing import SimiSWeights
 from nnssl.training.class_weighted_cps import RebalancedCPSTrainer
+from nnssl.training.passes import PAIR_PASSES
 
 
 class nnUNetTrainerSimiS(RebalancedCPSTrainer):
@@ -21,5 +22,6 @@ class nnUNetTrainerSimiS(RebalancedCPSTrainer):
     """
 
     log_prefix = "simis"
+    network_passes = PAIR_PASSES
     weights_class = SimiSWeights
     weights_from_whole_batch = True

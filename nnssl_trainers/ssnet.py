@@ -6,6 +6,7 @@ from nnssl.networks.ssnet_heads import SSNetHeads
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import UnsupportedByTrainer, nnUNetTrainerSSLBase
 from nnssl.training.dhc_zoo import DHCEpochRamp
+from nnssl.training.passes import NetworkPass
 from nnssl.training.step import SSLTerms
 
 
@@ -32,6 +33,9 @@ class nnUNetTrainerSSNet(DHCEpochRamp, nnUNetTrainerSSLBase):
     vat_xi: float = 10.0
     vat_epsilon: float = 10.0
     log_prefix = "ssnet"
+    # the whole batch three times: the step, VAT's power iteration (autograd to the input) and its adversarial
+    # forward; the heads are small MLPs on decoder features
+    network_passes = (NetworkPass("both", True),) * 3
     supports_regions = False
     supports_ignore_label = False
     unsupported_reason = "the class memory and the Dice over classes need plain label classes"

@@ -5,6 +5,7 @@ from nnssl.losses.uamt import UncertaintyAwareConsistency, uncertainty_threshold
 from nnssl.tensors import as_list, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
 from nnssl.training.dhc_zoo import DHCEpochRamp
+from nnssl.training.passes import NetworkPass
 from nnssl.training.step import SSLTerms
 
 
@@ -30,6 +31,10 @@ class nnUNetTrainerUAMT(DHCEpochRamp, nnUNetTrainerSSLBase):
     noise_std: float = 0.1
     noise_clip: float = 0.2
     log_prefix = "uamt"
+    # the student on the whole batch; the teacher on the noisy unlabeled patches, then mc_passes / 2 forwards of
+    # them repeated twice (UncertaintyAwareConsistency, batch_repeat 2)
+    network_passes = (NetworkPass("both", True), NetworkPass("unlabeled", False, "teacher"),
+                      *(NetworkPass("unlabeled", False, "teacher", batch_factor=2),) * 4)
     supports_regions = False
     unsupported_reason = "the teacher's entropy needs mutually exclusive softmax classes"
 

@@ -4,6 +4,7 @@ from nnssl.losses.urpc import upsample_logits, urpc_consistency
 from nnssl.tensors import as_list
 from nnssl.training.base import UnsupportedByTrainer, nnUNetTrainerSSLBase
 from nnssl.training.dhc_zoo import DHCEpochRamp
+from nnssl.training.passes import ONE_NETWORK_PASSES
 from nnssl.training.step import SSLTerms
 
 
@@ -25,6 +26,7 @@ class nnUNetTrainerURPC(DHCEpochRamp, nnUNetTrainerSSLBase):
     unsupervised_weight = 0.1
     pyramid_levels: int = 4
     log_prefix = "urpc"
+    network_passes = ONE_NETWORK_PASSES  # the pyramid is the deep-supervision outputs of the same pass
     supports_regions = False
     unsupported_reason = "the pyramid's KL divergences need mutually exclusive softmax classes"
 

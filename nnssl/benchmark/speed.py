@@ -1,0 +1,436 @@
+"""``nnssl_speed``: the per-iteration cost of trainers at the plans' real patch, batch and network.
+
+Every trainer runs in a fresh subprocess (:mod:`nnssl.benchmark.speed_worker`: built as ``nnUNetv2_train`` builds it,
+``on_train_start()``, ``--warmup`` + ``--iterations`` steps at the middle of the schedule, ``on_train_end()``) and
+gives its median seconds per iteration, its data-wait fraction (time blocked in ``next(dataloader_train)`` / step
+time, summed over the timed steps), its peak memory (GPU ``max_memory_allocated``, else the process's peak RSS) and
+the network passes one step made (forward hooks: rows and whether autograd was on).
+
+The compute floor of a method is the passes it needs, declared by its trainer class (``network_passes``,
+:mod:`nnssl.training.passes`; nnU-Net's own trainers: one forward + backward of the labeled batch). Each distinct
+pass kind (rows, backward) is timed once in another subprocess as nnU-Net's ``nnUNetTrainer`` network forward (and
+backward) on random patches of the same patch size, under the same autocast and compile decision; the floor is their
+sum (times each pass's ``scale``) and the SSL tax = seconds per iteration / floor. The ratio is to
+``nnUNetTrainer``, nnU-Net's own trainer, when it is in the table.
+
+Rows are saved under ``OUTPUT/rows/`` (:mod:`nnssl.benchmark.resume`) and reused by a rerun with the same key
+(dataset and plans, configuration, fold, trainer, device, warm-up and iterations, ``nnUNet_n_proc_DA``,
+``nnUNet_compile`` and every ``NNSSL_*`` variable); a failed trainer gets its error in its row and is retried on the
+next run. The training logs and nnU-Net's output folders go to ``OUTPUT/logs`` and ``OUTPUT/nnUNet_results`` (never
+to your ``nnUNet_results``).
+
+``--synthetic`` (``cpu2d``, the default, or ``gpu3d``) generates and plans a synthetic dataset under ``OUTPUT`` with
+:func:`nnssl.synthetic.make_synthetic_dataset` and ``nnssl_plan_and_preprocess``: ``cpu2d`` a small 2D set with the
+network narrowed to 8..64 features (seconds on a CPU: the test suite's preset), ``gpu3d`` the 3D organs at native
+voxel size with nnU-Net's own plans (full-width network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nnssl.benchmark.resume import load_row, row_key, save_row
+from nnssl.errors import InputError, report_user_errors
+from nnssl.training.passes import NetworkPass
+
+REFERENCE = "nnUNetTrainer"
+WORKER = "nnssl.benchmark.speed_worker"
+
+
+@dataclass(frozen=True)
+class SpeedPreset:
+    name: str
+    dataset_id: int
+    kind: str
+    configuration: str
+    n_labeled: int
+    n_unlabeled: int
+    narrow: bool
+
+
+SPEED_PRESETS = {p.name: p for p in (
+    SpeedPreset("cpu2d", 985, "2d", "2d", n_labeled=6, n_unlabeled=8, narrow=True),
+    SpeedPreset("gpu3d", 986, "3d", "3d_fullres", n_labeled=6, n_unlabeled=12, narrow=False),
+)}
+
+
+@dataclass
+class SpeedResult:
+    """One trainer's row as measured (times in seconds)."""
+
+    trainer: str
+    seconds_per_iteration: float = float("nan")
+    wait_seconds: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    peak_memory_mb: float = float("nan")
+    memory_kind: str = ""
+    counted_passes: list[dict] = field(default_factory=list)
+    declared_passes: list[dict] = field(default_factory=list)
+    labeled_batch: int = 0
+    unlabeled_batch: int = 0
+    patch: list[int] = field(default_factory=list)
+    device: str = ""
+    compiled: bool = False
+    error: str | None = None
+
+
+@dataclass
+class FloorResult:
+    """The median seconds of one pass kind of nnU-Net's network (``trainer`` is ``floor:ROWS:BACKWARD``)."""
+
+    trainer: str
+    seconds: float = float("nan")
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------- pure parts
+def resolve_passes(passes: tuple[NetworkPass, ...], n_labeled: int, n_unlabeled: int) -> list[dict]:
+    """Declared passes with their batch sizes: ``{"network", "rows", "backward", "scale"}`` each."""
+    return [{"network": p.network, "rows": p.rows(n_labeled, n_unlabeled), "backward": p.backward,
+             "scale": p.scale} for p in passes]
+
+
+def pass_kinds(passes: list[dict]) -> set[tuple[int, bool]]:
+    """The distinct (rows, backward) kinds the floor of these passes needs (passes of scale 0 need none)."""
+    return {(int(p["rows"]), bool(p["backward"])) for p in passes if p.get("scale", 1.0) > 0}
+
+
+def kind_name(rows: int, backward: bool) -> str:
+    return f"floor:{rows}:{int(backward)}"
+
+
+def floor_seconds(passes: list[dict], kind_seconds: dict[tuple[int, bool], float]) -> float:
+    """Sum over the passes of scale x the timed seconds of its kind; NaN when a kind is missing."""
+    total = 0.0
+    for p in passes:
+        scale = p.get("scale", 1.0)
+        if scale > 0:
+            total += scale * kind_seconds.get((int(p["rows"]), bool(p["backward"])), float("nan"))
+    return total
+
+
+def wait_fraction(waits: list[float], steps: list[float]) -> float:
+    """Time blocked waiting for the next batch over the step time, summed over the timed steps."""
+    total = sum(steps)
+    return sum(waits) / total if total > 0 else float("nan")
+
+
+def format_passes(passes: list[dict]) -> str:
+    """``network 4 fwd+bwd, teacher 2 fwd x2``: one item per distinct (network, rows, backward), in first-seen order."""
+    counts = Counter((p["network"], int(p["rows"]), bool(p["backward"])) for p in passes)
+    items = []
+    for (network, rows, backward), n in counts.items():
+        items.append(f"{network} {rows} {'fwd+bwd' if backward else 'fwd'}" + (f" x{n}" if n > 1 else ""))
+    return ", ".join(items) if items else "-"
+
+
+def passes_agree(declared: list[dict], counted: list[dict]) -> bool:
+    """Whether the counted calls are exactly the declared ones (network, rows, backward; as multisets)."""
+    def key(passes):
+        return Counter((p["network"], int(p["rows"]), bool(p["backward"])) for p in passes)
+
+    return key(declared) == key(counted)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
+
+
+def summarize(results: list[SpeedResult], kind_seconds: dict[tuple[int, bool], float]) -> list[dict]:
+    """The table rows: ratio to ``nnUNetTrainer``, floor, SSL tax, data-wait fraction and the passes."""
+    reference = next((r for r in results if r.trainer == REFERENCE and r.error is None), None)
+    rows = []
+    for r in results:
+        ok = r.error is None
+        floor = floor_seconds(r.declared_passes, kind_seconds) if ok and r.declared_passes else float("nan")
+        ratio = (r.seconds_per_iteration / reference.seconds_per_iteration
+                 if ok and reference is not None and reference.seconds_per_iteration > 0 else float("nan"))
+        rows.append({
+            "trainer": r.trainer,
+            "seconds_per_iteration": r.seconds_per_iteration if ok else float("nan"),
+            "ratio_to_nnUNetTrainer": ratio,
+            "floor_seconds_per_iteration": floor,
+            "ssl_tax": r.seconds_per_iteration / floor if ok and _finite(floor) and floor > 0 else float("nan"),
+            "data_wait_fraction": wait_fraction(r.wait_seconds, r.step_seconds) if ok else float("nan"),
+            "peak_memory_mb": r.peak_memory_mb if ok else float("nan"),
+            "memory_kind": r.memory_kind,
+            "passes_declared": format_passes(r.declared_passes) if r.declared_passes else "-",
+            "passes_counted": format_passes(r.counted_passes) if ok else "-",
+            "passes_agree": passes_agree(r.declared_passes, r.counted_passes) if ok else None,
+            "device": r.device,
+            "compiled": r.compiled,
+            "patch": "x".join(str(s) for s in r.patch),
+            "batch": f"{r.labeled_batch} + {r.unlabeled_batch}" if ok else "",
+            "error": r.error,
+        })
+    return rows
+
+
+def _fmt(x, spec: str) -> str:
+    return format(x, spec) if _finite(x) else "-"
+
+
+COLUMNS = ("trainer | s/iter (median) | ratio to nnUNetTrainer | floor s/iter | SSL tax | data wait | peak MB | "
+           "passes declared | passes counted | device | patch | batch (labeled + unlabeled)")
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| " + COLUMNS + " |", "|" + " --- |" * len(COLUMNS.split(" | "))]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"| {r['trainer']} | error: {r['error'].replace('|', '/')} |" + " |" * 10)
+            continue
+        counted = r["passes_counted"] + ("" if r["passes_agree"] else " (differs)")
+        device = r["device"] + (" compiled" if r["compiled"] else "")
+        lines.append(f"| {r['trainer']} | {_fmt(r['seconds_per_iteration'], '.4f')} | "
+                     f"{_fmt(r['ratio_to_nnUNetTrainer'], '.2f')} | {_fmt(r['floor_seconds_per_iteration'], '.4f')} | "
+                     f"{_fmt(r['ssl_tax'], '.2f')} | {_fmt(r['data_wait_fraction'], '.1%')} | "
+                     f"{_fmt(r['peak_memory_mb'], '.0f')} {r['memory_kind']} | {r['passes_declared']} | {counted} | "
+                     f"{device} | {r['patch']} | {r['batch']} |")
+    return "\n".join(lines)
+
+
+EXPLANATION = """\
+- s/iter: median wall seconds of one training iteration (waiting for the batch + `train_step`), after the warm-up.
+- ratio: s/iter over nnU-Net's own `nnUNetTrainer` on the same plans.
+- floor: the network passes the method needs (its `network_passes`), each timed as nnU-Net's network forward
+  (+ backward) on as many patches, same autocast and compile; no loss, no optimizer step. SSL tax = s/iter / floor.
+- data wait: time blocked in `next(dataloader_train)` over the step time, summed over the timed iterations.
+- peak MB: GPU `max_memory_allocated` (GPU) or the process's peak resident memory (RSS, augmentation workers excluded).
+- passes: one step's network calls, `name rows fwd+bwd` (autograd on) or `fwd` (no grad); counted with forward hooks
+  on every registered network in the last warm-up step; "(differs)" when they are not the declared ones.
+"""
+
+
+def write_outputs(rows: list[dict], out: Path, settings: dict) -> str:
+    text = (f"# nnssl_speed\n\n{settings['description']}\n\n{markdown_table(rows)}\n\n{EXPLANATION}")
+    (out / "speed.md").write_text(text, encoding="utf-8")
+    with open(out / "speed.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["trainer"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "speed.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2), encoding="utf-8")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- running
+def default_trainers() -> list[str]:
+    from nnssl.benchmark.cli import BASELINE, SSL_TRAINERS
+
+    return [REFERENCE, BASELINE, *SSL_TRAINERS]
+
+
+def find_dataset(preprocessed: Path, dataset: str) -> str:
+    """The dataset's folder name in ``nnUNet_preprocessed`` from an id or a ``DatasetXXX_Name``."""
+    if dataset.startswith("Dataset"):
+        name = dataset
+    else:
+        try:
+            number = int(dataset)
+        except ValueError:
+            raise InputError(f"-d {dataset}: not a dataset id or DatasetXXX_Name") from None
+        found = sorted(p.name for p in preprocessed.glob(f"Dataset{number:03d}_*") if p.is_dir())
+        if not found:
+            raise InputError(f"-d {dataset}: no Dataset{number:03d}_* in nnUNet_preprocessed ({preprocessed}); run "
+                             f"nnssl_plan_and_preprocess -d {dataset} first")
+        name = found[0]
+    if not (preprocessed / name / "nnUNetPlans.json").is_file():
+        raise InputError(f"-d {dataset}: {preprocessed / name / 'nnUNetPlans.json'} not found; run "
+                         f"nnssl_plan_and_preprocess -d {dataset} first")
+    return name
+
+
+def check_configuration(plans_file: Path, configuration: str) -> str:
+    configurations = json.loads(plans_file.read_text()).get("configurations", {})
+    if configuration not in configurations:
+        raise InputError(f"-c {configuration}: not a configuration of {plans_file} "
+                         f"(there: {', '.join(sorted(configurations))})")
+    return hashlib.sha256(plans_file.read_bytes()).hexdigest()[:16]
+
+
+def make_synthetic(preset: SpeedPreset, root: Path, env: dict[str, str]) -> None:
+    """Generate and plan ``preset`` under ``root`` once (a marker file says it finished)."""
+    marker = root / "planned.json"
+    if marker.is_file():
+        return
+    from nnssl.plans_tools import shrink_network
+    from nnssl.synthetic import make_synthetic_dataset
+
+    shutil.rmtree(root, ignore_errors=True)
+    raw = make_synthetic_dataset(root / "nnUNet_raw", preset.dataset_id, preset.kind, n_labeled=preset.n_labeled,
+                                 n_unlabeled=preset.n_unlabeled, n_test=1, seed=0)
+    cmd = ["nnssl_plan_and_preprocess", "-d", str(preset.dataset_id), "-c", preset.configuration, "-np", "2"]
+    proc = subprocess.run(cmd, env={**env, "nnUNet_n_proc_DA": "2"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    if preset.narrow:
+        shrink_network(root / "nnUNet_preprocessed" / raw.name / "nnUNetPlans.json", base_features=8,
+                       max_features=64)
+    marker.write_text(json.dumps(dataclasses.asdict(preset)))
+
+
+def run_worker(args: list[str], env: dict[str, str], log: Path, timeout: float) -> tuple[dict, str | None]:
+    """Run the worker in its own process group; ``(record, error)``; a timeout kills the group (and its workers)."""
+    out = log.with_suffix(".json")
+    out.unlink(missing_ok=True)
+    with open(log, "w", encoding="utf-8") as f:
+        proc = subprocess.Popen([sys.executable, "-m", WORKER, args[0], str(out), *args[1:]], env=env, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {}, f"timed out after {timeout:.0f} s (log {log})"
+    try:
+        record = json.loads(out.read_text())
+    except (OSError, ValueError):
+        tail = " ".join(log.read_text(errors="replace").splitlines()[-3:])
+        return {}, f"worker exited {proc.returncode} without a result: {tail[-400:]} (log {log})"
+    return record, record.get("error")
+
+
+def measure_trainers(trainers: list[str], base_args: list[str], env: dict[str, str], out: Path, key_of,
+                     timeout: float) -> list[SpeedResult]:
+    names = {f.name for f in dataclasses.fields(SpeedResult)}
+    results = []
+    for trainer in trainers:
+        key = key_of(trainer)
+        result = load_row(out, key, SpeedResult)
+        if result is None:
+            start = time.time()
+            record, error = run_worker(["trainer", "--trainer", trainer, *base_args], env,
+                                       out / "logs" / f"{trainer}.log", timeout)
+            result = SpeedResult(trainer, **{k: v for k, v in record.items() if k in names and k != "trainer"})
+            result.unlabeled_batch = result.unlabeled_batch or 0
+            result.error = error
+            save_row(out, key, result)
+            status = f"error: {error}" if error else f"{result.seconds_per_iteration:.4f} s/iter"
+            print(f"nnssl_speed: {trainer}: {status} ({time.time() - start:.0f} s)", flush=True)
+        else:
+            print(f"nnssl_speed: {trainer}: reused {out / 'rows'}", flush=True)
+        results.append(result)
+    return results
+
+
+def measure_floor(results: list[SpeedResult], base_args: list[str], env: dict[str, str], out: Path, key_of,
+                  timeout: float) -> dict[tuple[int, bool], float]:
+    kinds = set().union(*[pass_kinds(r.declared_passes) for r in results if r.error is None])
+    seconds, missing = {}, []
+    for rows, backward in sorted(kinds):
+        stored = load_row(out, key_of(kind_name(rows, backward)), FloorResult)
+        if stored is not None:
+            seconds[(rows, backward)] = stored.seconds
+        else:
+            missing.append((rows, backward))
+    if missing:
+        record, error = run_worker(["floor", *base_args, "--kinds", *[f"{r}:{int(b)}" for r, b in missing]], env,
+                                   out / "logs" / "floor.log", timeout)
+        if error:
+            print(f"nnssl_speed: floor: error: {error}", flush=True)
+        for rows, backward in missing:
+            value = record.get("seconds", {}).get(f"{rows}:{int(backward)}")
+            result = FloorResult(kind_name(rows, backward), float("nan") if value is None else value, error)
+            save_row(out, key_of(result.trainer), result)
+            seconds[(rows, backward)] = result.seconds
+    return seconds
+
+
+@report_user_errors("nnssl_speed")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="nnssl_speed", description="Per-iteration cost of nnU-Net / nnssl trainers "
+                                     "at the plans' patch, batch and network: s/iter, floor, SSL tax, data wait.")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("-d", help="dataset id or name (planned with nnssl_plan_and_preprocess)")
+    src.add_argument("--synthetic", nargs="?", const="cpu2d", choices=sorted(SPEED_PRESETS),
+                     help="generate and plan a synthetic set under OUTPUT (cpu2d: small 2D, narrow network; gpu3d: "
+                          "3D organs at native size, nnU-Net's plans)")
+    parser.add_argument("-c", default=None, help="configuration (default with --synthetic: the preset's)")
+    parser.add_argument("--trainers", nargs="+", default=None,
+                        help=f"default: {REFERENCE} and every nnssl trainer of nnssl_benchmark")
+    parser.add_argument("--iterations", type=int, default=20, help="timed iterations per trainer")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    parser.add_argument("-device", default=None, choices=("cuda", "cpu"), help="default: cuda if available")
+    parser.add_argument("-o", "--output", default="nnssl_speed", help="output folder")
+    parser.add_argument("-f", "--fold", default="0", help="fold (nnU-Net's; default 0)")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per trainer subprocess (then: error row)")
+    args = parser.parse_args(argv)
+    if args.iterations < 1 or args.warmup < 0:
+        parser.error("--iterations must be >= 1 and --warmup >= 0")
+    if args.d is not None and args.c is None:
+        parser.error("-c is required with -d")
+
+    from nnssl.cli.trainer_path import trainer_folder
+
+    out = Path(args.output).resolve()
+    env = {**os.environ, "nnUNet_extTrainer": trainer_folder(), "PYTHONUNBUFFERED": "1",
+           "nnUNet_results": str(out / "nnUNet_results")}
+    preset = SPEED_PRESETS.get(args.synthetic) if args.synthetic else None
+    if preset is not None:
+        root = out / f"synthetic_{preset.name}"
+        env.update(nnUNet_raw=str(root / "nnUNet_raw"), nnUNet_preprocessed=str(root / "nnUNet_preprocessed"))
+        configuration, dataset = args.c or preset.configuration, str(preset.dataset_id)
+    else:
+        missing = [k for k in ("nnUNet_raw", "nnUNet_preprocessed") if not env.get(k)]
+        if missing:
+            raise InputError(f"-d {args.d}: the environment variable(s) {', '.join(missing)} are not set")
+        configuration, dataset = args.c, args.d
+    os.environ.update({k: env[k] for k in ("nnUNet_extTrainer", "nnUNet_results", "nnUNet_raw",
+                                           "nnUNet_preprocessed")})
+    import torch
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from nnssl.benchmark.cli import check_trainers
+
+    trainers = check_trainers(list(dict.fromkeys(args.trainers or default_trainers())))
+    if preset is None:
+        name = find_dataset(Path(env["nnUNet_preprocessed"]), dataset)
+        plans_digest = check_configuration(Path(env["nnUNet_preprocessed"]) / name / "nnUNetPlans.json",
+                                           configuration)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    if preset is not None:
+        print(f"nnssl_speed: synthetic preset {preset.name} under {root}", flush=True)
+        make_synthetic(preset, root, env)
+        name = find_dataset(Path(env["nnUNet_preprocessed"]), dataset)
+        plans_digest = check_configuration(Path(env["nnUNet_preprocessed"]) / name / "nnUNetPlans.json",
+                                           configuration)
+    data = f"{name} plans {plans_digest}" + (f" synthetic {preset.name}" if preset else "")
+    options = {"device": device, "warmup": args.warmup, "iterations": args.iterations, "mode": "speed",
+               "n_proc_DA": env.get("nnUNet_n_proc_DA", "default"), "compile": env.get("nnUNet_compile", "default")}
+
+    def key_of(trainer: str) -> dict:
+        return row_key(int(name[7:10]), configuration, args.fold, trainer, 0, env, data, **options)
+
+    base_args = ["-d", name, "-c", configuration, "-f", args.fold, "-device", device, "--warmup", str(args.warmup),
+                 "--iterations", str(args.iterations)]
+    start = time.time()
+    results = measure_trainers(trainers, base_args, env, out, key_of, args.timeout)
+    kind_seconds = measure_floor(results, base_args, env, out, key_of, args.timeout)
+    rows = summarize(results, kind_seconds)
+    settings = {"dataset": name, "configuration": configuration, "fold": args.fold, "device": device,
+                "warmup": args.warmup, "iterations": args.iterations, "nnUNet_n_proc_DA": options["n_proc_DA"],
+                "nnUNet_compile": options["compile"], "floor_seconds": {f"{r}:{int(b)}": s for (r, b), s in
+                                                                        sorted(kind_seconds.items())},
+                "description": f"{name} {configuration} fold {args.fold} on {device}: {args.warmup} warm-up + "
+                               f"{args.iterations} timed iterations per trainer (median), at epoch num_epochs // 2; "
+                               f"nnUNet_n_proc_DA={options['n_proc_DA']}, nnUNet_compile={options['compile']}."}
+    print(write_outputs(rows, out, settings))
+    print(f"nnssl_speed: {time.time() - start:.0f} s; tables in {out} (speed.md, speed.csv, speed.json)")
+
+
+if __name__ == "__main__":
+    main()
