@@ -366,10 +366,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-device", default=None, choices=("cuda", "cpu"), help="default: cuda if available")
     parser.add_argument("-o", "--output", default="nnssl_speed", help="output folder")
     parser.add_argument("-f", "--fold", default="0", help="fold (nnU-Net's; default 0)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads on a CPU (default: nnU-Net's, every core; 1 on a shared machine)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per trainer subprocess (then: error row)")
     args = parser.parse_args(argv)
-    if args.iterations < 1 or args.warmup < 0:
-        parser.error("--iterations must be >= 1 and --warmup >= 0")
+    if args.iterations < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        parser.error("--iterations and --threads must be >= 1 and --warmup >= 0")
     if args.d is not None and args.c is None:
         parser.error("-c is required with -d")
 
@@ -410,13 +412,15 @@ def main(argv: list[str] | None = None) -> None:
                                            configuration)
     data = f"{name} plans {plans_digest}" + (f" synthetic {preset.name}" if preset else "")
     options = {"device": device, "warmup": args.warmup, "iterations": args.iterations, "mode": "speed",
-               "n_proc_DA": env.get("nnUNet_n_proc_DA", "default"), "compile": env.get("nnUNet_compile", "default")}
+               "n_proc_DA": env.get("nnUNet_n_proc_DA", "default"), "compile": env.get("nnUNet_compile", "default"),
+               "threads": args.threads if device == "cpu" else None}
 
     def key_of(trainer: str) -> dict:
         return row_key(int(name[7:10]), configuration, args.fold, trainer, 0, env, data, **options)
 
     base_args = ["-d", name, "-c", configuration, "-f", args.fold, "-device", device, "--warmup", str(args.warmup),
-                 "--iterations", str(args.iterations)]
+                 "--iterations", str(args.iterations),
+                 *(["--threads", str(args.threads)] if args.threads and device == "cpu" else [])]
     start = time.time()
     results = measure_trainers(trainers, base_args, env, out, key_of, args.timeout)
     kind_seconds = measure_floor(results, base_args, env, out, key_of, args.timeout)
@@ -427,7 +431,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                         sorted(kind_seconds.items())},
                 "description": f"{name} {configuration} fold {args.fold} on {device}: {args.warmup} warm-up + "
                                f"{args.iterations} timed iterations per trainer (median), at epoch num_epochs // 2; "
-                               f"nnUNet_n_proc_DA={options['n_proc_DA']}, nnUNet_compile={options['compile']}."}
+                               f"nnUNet_n_proc_DA={options['n_proc_DA']}, nnUNet_compile={options['compile']}"
+                               + (f", {args.threads} torch thread(s)" if options["threads"] else "") + "."}
     print(write_outputs(rows, out, settings))
     print(f"nnssl_speed: {time.time() - start:.0f} s; tables in {out} (speed.md, speed.csv, speed.json)")
 

@@ -97,11 +97,13 @@ def passes_of(trainer_class: type) -> tuple | None:
     return check_passes(passes, f"{trainer_class.__name__}.network_passes")
 
 
-def _device(name: str) -> torch.device:
+def _device(name: str, threads: int | None = None) -> torch.device:
+    """The device, with torch's threads as ``nnUNetv2_train -device cpu / cuda`` sets them (CPU: every core, unless
+    ``threads`` says otherwise: on a shared machine two spinning threads on two busy cores can be 100x slower)."""
     import multiprocessing
 
-    if name == "cpu":  # as nnUNetv2_train -device cpu / cuda
-        torch.set_num_threads(multiprocessing.cpu_count())
+    if name == "cpu":
+        torch.set_num_threads(threads or multiprocessing.cpu_count())
         return torch.device("cpu")
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
@@ -128,8 +130,8 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def measure_trainer(name: str, dataset: str, configuration: str, fold: str, device_name: str, warmup: int,
-                    iterations: int) -> dict:
-    device = _device(device_name)
+                    iterations: int, threads: int | None = None) -> dict:
+    device = _device(device_name, threads)
     trainer = build_trainer(name, dataset, configuration, fold, device)
     trainer.on_train_start()
     try:
@@ -169,8 +171,8 @@ def _nothing():
 
 
 def measure_floor(dataset: str, configuration: str, fold: str, device_name: str, warmup: int, iterations: int,
-                  kinds: list[tuple[int, bool]]) -> dict:
-    device = _device(device_name)
+                  kinds: list[tuple[int, bool]], threads: int | None = None) -> dict:
+    device = _device(device_name, threads)
     trainer = build_trainer("nnUNetTrainer", dataset, configuration, fold, device)
     trainer.initialize()
     network = trainer.network
@@ -221,14 +223,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iterations", type=int, default=20)
     parser.add_argument("--kinds", nargs="*", default=[])
+    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     out = Path(args.out)
     try:
         if args.mode == "trainer":
-            record = measure_trainer(args.trainer, args.d, args.c, args.f, args.device, args.warmup, args.iterations)
+            record = measure_trainer(args.trainer, args.d, args.c, args.f, args.device, args.warmup, args.iterations,
+                                     args.threads)
         else:
             record = measure_floor(args.d, args.c, args.f, args.device, args.warmup, args.iterations,
-                                   [parse_kind(k) for k in args.kinds])
+                                   [parse_kind(k) for k in args.kinds], args.threads)
         record["error"] = None
     except (Exception, SystemExit) as error:  # noqa: BLE001 - the row records it; the command goes on
         lines = traceback.format_exc().strip().splitlines()
