@@ -16,8 +16,10 @@ sum (times each pass's ``scale``) and the SSL tax = seconds per iteration / floo
 Rows are saved under ``OUTPUT/rows/`` (:mod:`nnssl.benchmark.resume`) and reused by a rerun with the same key
 (dataset and plans, configuration, fold, trainer, device, warm-up and iterations, ``nnUNet_n_proc_DA``,
 ``nnUNet_compile`` and every ``NNSSL_*`` variable); a failed trainer gets its error in its row and is retried on the
-next run. The training logs and nnU-Net's output folders go to ``OUTPUT/logs`` and ``OUTPUT/nnUNet_results`` (never
-to your ``nnUNet_results``).
+next run; ``--deadline`` starts no trainer after that many seconds (their rows say so). The training logs and nnU-Net's
+output folders go to ``OUTPUT/logs`` and ``OUTPUT/nnUNet_results`` (never to your ``nnUNet_results``). On a CPU,
+``--threads`` sets torch's threads (nnU-Net's default, one per core, is far slower on a machine shared with other
+jobs).
 
 ``--synthetic`` (``cpu2d``, the default, or ``gpu3d``) generates and plans a synthetic dataset under ``OUTPUT`` with
 :func:`nnssl.synthetic.make_synthetic_dataset` and ``nnssl_plan_and_preprocess``: ``cpu2d`` a small 2D set with the
@@ -304,13 +306,18 @@ def run_worker(args: list[str], env: dict[str, str], log: Path, timeout: float) 
 
 
 def measure_trainers(trainers: list[str], base_args: list[str], env: dict[str, str], out: Path, key_of,
-                     timeout: float) -> list[SpeedResult]:
+                     timeout: float, deadline: float = float("inf")) -> list[SpeedResult]:
+    """One row per trainer: reused from ``out/rows`` or measured in a worker; none is started after ``deadline``
+    (``time.time()``): those rows say so and a rerun computes them."""
     names = {f.name for f in dataclasses.fields(SpeedResult)}
     results = []
     for trainer in trainers:
         key = key_of(trainer)
         result = load_row(out, key, SpeedResult)
-        if result is None:
+        if result is None and time.time() > deadline:
+            result = SpeedResult(trainer, error="not run: --deadline reached (a rerun measures it)")
+            print(f"nnssl_speed: {trainer}: {result.error}", flush=True)
+        elif result is None:
             start = time.time()
             record, error = run_worker(["trainer", "--trainer", trainer, *base_args], env,
                                        out / "logs" / f"{trainer}.log", timeout)
@@ -368,8 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("-f", "--fold", default="0", help="fold (nnU-Net's; default 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads on a CPU (default: nnU-Net's, every core; 1 on a shared machine)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds from the command's start after which no further trainer is started (their rows "
+                             "say so; the floor is still measured); default: none")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per trainer subprocess (then: error row)")
     args = parser.parse_args(argv)
+    began = time.time()
     if args.iterations < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--iterations and --threads must be >= 1 and --warmup >= 0")
     if args.d is not None and args.c is None:
@@ -422,7 +433,8 @@ def main(argv: list[str] | None = None) -> None:
                  "--iterations", str(args.iterations),
                  *(["--threads", str(args.threads)] if args.threads and device == "cpu" else [])]
     start = time.time()
-    results = measure_trainers(trainers, base_args, env, out, key_of, args.timeout)
+    deadline = began + args.deadline if args.deadline is not None else float("inf")
+    results = measure_trainers(trainers, base_args, env, out, key_of, args.timeout, deadline)
     kind_seconds = measure_floor(results, base_args, env, out, key_of, args.timeout)
     rows = summarize(results, kind_seconds)
     settings = {"dataset": name, "configuration": configuration, "fold": args.fold, "device": device,

@@ -208,3 +208,13 @@ def test_a_finished_row_is_reused_with_the_same_key_only_and_a_failed_one_never(
     other = {**key, "trainer": "nnUNetTrainerCPS"}
     save_row(tmp_path, other, SpeedResult("nnUNetTrainerCPS", error="boom"))
     assert load_row(tmp_path, other, SpeedResult) is None
+
+
+def test_no_trainer_is_started_after_the_deadline_and_its_row_is_not_saved(tmp_path):
+    from nnssl.benchmark.speed import measure_trainers
+
+    def key_of(trainer):
+        return row_key(985, "2d", "0", trainer, 0, {}, "data")
+
+    results = measure_trainers(["nnUNetTrainer"], [], {}, tmp_path, key_of, timeout=1, deadline=0.0)
+    assert results[0].error.startswith("not run: --deadline") and not (tmp_path / "rows").exists()
