@@ -140,6 +140,15 @@ def test_pass_counter_records_rows_and_autograd_of_every_call_and_removes_its_ho
     assert first_tensor({"a": [(), [x_u]]}) is x_u and first_tensor([1, "b"]) is None
 
 
+
+def test_pass_counter_sees_the_calls_of_a_compiled_network():
+    """nnU-Net compiles its network on CUDA: the hooks sit on the compiled wrapper the trainer holds."""
+    network = torch.compile(Tiny(), backend="eager")
+    counter = PassCounter({"network": network})
+    with counter.counting(), torch.no_grad():
+        network(torch.randn(3, 1, 8, 8))
+    assert counter.as_records() == [{"network": "network", "rows": 3, "backward": False}]
+
 def test_passes_agree_only_when_the_calls_are_the_declared_ones():
     declared = resolve_passes((NetworkPass("both", True), NetworkPass("unlabeled", False, "teacher")), 2, 2)
     counted = [{"network": "network", "rows": 4, "backward": True}, {"network": "teacher", "rows": 2,
