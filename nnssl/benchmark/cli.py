@@ -909,18 +909,22 @@ def rows_to_compute(run: DatasetRun, trainers: list[str], budgets: list[str], ou
     return missing
 
 
+NOT_COMPUTED = "not computed yet (--tables-only: only finished rows are shown)"
+
+
 def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool,
-             results: list[RunResult], start: float, full_skip: str | None = None, budget: str = ITERATIONS) -> None:
+             results: list[RunResult], start: float, full_skip: str | None = None, budget: str = ITERATIONS,
+             compute: bool = True) -> None:
     """Every row of ``run`` under ``budget`` in order, appended to ``results`` (tables rewritten after each): a
     finished row of an earlier run with the same key is reused, every other one computed and saved under
-    ``out/rows``. Under the time budget ``trainers`` are the SSL rows; the speed calibration runs first (saved,
-    reused)."""
+    ``out/rows`` (with ``compute`` False only listed as not computed). Under the time budget ``trainers`` are the
+    SSL rows; the speed calibration runs first (saved, reused)."""
     from nnssl.benchmark.resume import load_row, row_file, save_row
 
     seconds = None
     timed = [t for t in trainers if not is_pseudo_label_row(t) and not is_reference(t)]
     if budget != ITERATIONS and timed:
-        seconds = calibrate(run, timed, out, device)
+        seconds = calibrate(run, timed, out, device) if compute else calibration_of(run, out, device)[2]
 
     for trainer in trainers:
         if budget != ITERATIONS and is_pseudo_label_row(trainer):
@@ -931,9 +935,10 @@ def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disab
             continue
         try:
             row_run, scale, budget_note = _row_plan(run, trainer, budget, seconds)
-        except ValueError as e:
+        except ValueError as e:  # no calibration of this trainer: under --tables-only simply not computed yet
             results.append(RunResult(trainer, _dataset_name(run), run.seed, schedule=schedule_text(run.env),
-                                     error=str(e), budget=budget))
+                                     error=str(e) if compute else None, skipped=None if compute else NOT_COMPUTED,
+                                     budget=budget))
             write_outputs(results, out)
             continue
         key = row_key_of(row_run, trainer, device, disable_tta, budget)
@@ -942,6 +947,11 @@ def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disab
         if reused is not None:
             print(f"nnssl_benchmark: reusing finished row {row_file(out, key).name} ({run.label}: {label})")
             results.append(reused)
+            continue
+        if not compute:
+            print(f"nnssl_benchmark: {label} ({run.label}): {NOT_COMPUTED}")
+            results.append(RunResult(trainer, _dataset_name(run), run.seed, schedule=schedule_text(run.env),
+                                     skipped=NOT_COMPUTED, budget=budget))
             continue
         if trainer == FULL_REFERENCE and full_skip:
             print(f"nnssl_benchmark: {FULL_REFERENCE} skipped ({run.label}): {full_skip}")
@@ -1099,6 +1109,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="nnssl_generate_unlabeled --preset of those rows (default tiny: the CPU size)")
     parser.add_argument("--ldm-epochs", type=int, nargs=2, default=None, metavar=("AE", "LDM"),
                         help="autoencoder and diffusion epochs of that stage (default: the preset's)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="write the tables from the finished rows under OUTPUT/rows, training nothing (rows not "
+                             "computed yet are listed as such): a table built in pieces, or rows of several runs "
+                             "copied into one rows/ folder")
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument("--disable-tta", dest="tta", action="store_false", default=None,
                      help="predict the test set without mirroring (nnUNetv2_predict --disable_tta; default with "
@@ -1167,11 +1181,11 @@ def main(argv: list[str] | None = None) -> None:
                                  calibration_schedule, synthetic_dataset_name(preset),
                                  (dataset_id + GENERATED_BOTH_OFFSET, dataset_id + GENERATED_ONLY_OFFSET),
                                  generation_settings(args, preset.n_unlabeled, seed))
-                if rows_to_compute(run, trainers, budgets, out, device, disable_tta):
+                if not args.tables_only and rows_to_compute(run, trainers, budgets, out, device, disable_tta):
                     make_synthetic(root, preset, seed)  # deterministic in (preset, seed): a rerun makes the same data
                 for budget in dict.fromkeys([ITERATIONS, *budgets]):
                     run_rows(run, budget_trainers(trainers, budget, budgets), out, device, disable_tta, results,
-                             start, budget=budget)
+                             start, budget=budget, compute=not args.tables_only)
     else:
         if args.smoke:
             env.update(schedule_env(args.epochs or 1, args.iterations or 2, 1, args.lr))
@@ -1202,7 +1216,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"nnssl_benchmark: the fully labeled dataset of {FULL_REFERENCE} is {run.full_id}")
         for budget in dict.fromkeys([ITERATIONS, *budgets]):
             run_rows(run, budget_trainers(trainers, budget, budgets), out, device, disable_tta, results, start,
-                     full_skip, budget)
+                     full_skip, budget, compute=not args.tables_only)
     rows = write_outputs(results, out)
     print(markdown_table(rows))
     print(f"on {device}: {time.time() - start:.0f} s in all; tables in {out}")

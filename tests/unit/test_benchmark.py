@@ -154,6 +154,15 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     rerun = json.loads((out / "benchmark.json").read_text())
     assert [r["trainer"] for r in rerun["rows"]] == trainers and json.dumps(rerun["runs"]) == json.dumps(data["runs"])
 
+    # --tables-only with one more trainer: the finished rows are shown, the new one is listed as not computed
+    tables = run_cli([*command, "--trainers", "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER, "nnUNetTrainerCPS",
+                      "--tables-only"], env)
+    assert tables.stdout.count("reusing finished row") == 4 and "nnUNetTrainerCPS" in tables.stdout
+    assert checkpoint.stat().st_mtime == mtime and len(list((out / "rows").glob("*.json"))) == 4
+    assert not (tmp_path / "results" / ds.name / "nnUNetTrainerCPS__nnUNetPlans__3d_fullres").exists()
+    cps = [r for r in json.loads((out / "benchmark.json").read_text())["runs"] if r["trainer"] == "nnUNetTrainerCPS"]
+    assert len(cps) == 1 and cps[0]["skipped"].startswith("not computed yet") and cps[0]["error"] is None
+
 
 @pytest.mark.slow
 def test_benchmark_smoke_equal_time_budget(synthetic3d, tmp_path):
