@@ -40,3 +40,13 @@ def test_every_plugin_module_defines_trainers_and_imports_no_other_plugin_module
         module = importlib.import_module(f"nnssl_trainers.{path.stem}")
         defined = [obj for _, obj in inspect.getmembers(module, inspect.isclass) if obj.__module__ == module.__name__]
         assert defined and all(issubclass(obj, nnUNetTrainer) for obj in defined), (path.name, defined)
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test files by basename (no packages): two of one name stop the whole run at collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    tests = Path(__file__).resolve().parents[1]
+    names = Counter(p.name for p in tests.rglob("test_*.py"))
+    assert [n for n, c in names.items() if c > 1] == []
