@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nnssl.losses.cps import as_label_map
+from nnssl.validation import value_checks_enabled
 
 # the guard constant of the reference implementations (DHC DistDW / DiffDW, GuidedNet KTCPS)
 _EPS = 1e-8
@@ -27,7 +28,7 @@ def class_histogram(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     flat = labels.reshape(-1).long()
-    if flat.numel() and bool(((flat < 0) | (flat >= num_classes)).any()):
+    if value_checks_enabled() and flat.numel() and bool(((flat < 0) | (flat >= num_classes)).any()):
         raise ValueError(f"labels must be in [0, {num_classes - 1}], got values in "
                          f"[{int(flat.min())}, {int(flat.max())}]")
     return torch.bincount(flat, minlength=num_classes)
@@ -38,7 +39,7 @@ def _as_counts(class_counts: torch.Tensor | np.ndarray | list, name: str) -> tor
     if counts.ndim != 1 or counts.numel() < 2:
         raise ValueError(f"{name} must be a 1-D vector with one count per class (K >= 2), got shape "
                          f"{tuple(counts.shape)}")
-    if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+    if value_checks_enabled() and (not bool(torch.isfinite(counts).all()) or bool((counts < 0).any())):
         raise ValueError(f"{name} must be finite and >= 0, got {counts.tolist()}")
     return counts
 
@@ -54,14 +55,18 @@ def distribution_aware_weights(class_counts: torch.Tensor) -> torch.Tensor:
     Computed in float64, returned as float32 on the device of ``class_counts``.
     """
     device = class_counts.device if isinstance(class_counts, torch.Tensor) else torch.device("cpu")
-    counts = _as_counts(class_counts.detach().cpu() if isinstance(class_counts, torch.Tensor) else class_counts,
+    # float64 where the counts are (no copy to the host), except on MPS, which has no float64
+    if isinstance(class_counts, torch.Tensor) and device.type == "mps":
+        class_counts = class_counts.detach().cpu()
+    counts = _as_counts(class_counts.detach() if isinstance(class_counts, torch.Tensor) else class_counts,
                         "class_counts")
     num_classes = counts.numel()
     log_ratio = torch.log((counts.max() + _EPS) / (counts + _EPS))
     largest = log_ratio.max()
-    if largest <= 0:
-        return torch.full((num_classes,), float(num_classes), dtype=torch.float32, device=device)
-    return (num_classes * log_ratio / largest).to(device=device, dtype=torch.float32)
+    uniform = torch.full_like(log_ratio, float(num_classes))  # no imbalance (and 0/0 in the reference)
+    weights = torch.where(largest > 0, num_classes * log_ratio / largest.clamp_min(torch.finfo(log_ratio.dtype).tiny),
+                          uniform)
+    return weights.to(device=device, dtype=torch.float32)
 
 
 def per_class_hard_dice(prediction: torch.Tensor, target: torch.Tensor, num_classes: int,
@@ -172,7 +177,7 @@ class DifficultyAwareWeighting:
         dice = torch.as_tensor(dice).detach().double()
         if dice.shape != (self.num_classes,):
             raise ValueError(f"dice must have shape ({self.num_classes},), got {tuple(dice.shape)}")
-        if not bool(((dice > 0) & (dice <= 1)).all()):
+        if value_checks_enabled() and not bool(((dice > 0) & (dice <= 1)).all()):
             raise ValueError(f"dice values must be in (0, 1] (log d is taken), got {dice.tolist()}")
         last = self.last_dice.to(dice.device)
         delta = dice - last
@@ -186,10 +191,8 @@ class DifficultyAwareWeighting:
         self.dice_weight = self._ema(self.dice_weight, 1.0 - dice)
         raw = difficulty * self.dice_weight
         largest = raw.max()
-        if largest > 0:
-            weights = self.num_classes * raw / largest
-        else:
-            weights = torch.full_like(raw, float(self.num_classes))
+        weights = torch.where(largest > 0, self.num_classes * raw / largest.clamp_min(torch.finfo(raw.dtype).tiny),
+                              torch.full_like(raw, float(self.num_classes)))
         self.weights = weights.float()
         return self.weights.clone()
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nnssl.validation import value_checks_enabled
+
 
 def _check_logits(logits: torch.Tensor, name: str) -> None:
     if not isinstance(logits, torch.Tensor):
@@ -42,7 +44,7 @@ def _check_class_weights(class_weights: torch.Tensor | None, num_classes: int, n
     if not isinstance(class_weights, torch.Tensor) or class_weights.shape != (num_classes,):
         shape = tuple(class_weights.shape) if isinstance(class_weights, torch.Tensor) else type(class_weights)
         raise ValueError(f"{name} must be a tensor of shape ({num_classes},), got {shape}")
-    if not bool(torch.isfinite(class_weights).all()) or bool((class_weights < 0).any()):
+    if value_checks_enabled() and (not bool(torch.isfinite(class_weights).all()) or bool((class_weights < 0).any())):
         raise ValueError(f"{name} must be finite and >= 0, got {class_weights.tolist()}")
 
 
@@ -94,7 +96,7 @@ def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, class_wei
         checked = target[~ignore_mask]
     else:
         checked = target
-    if checked.numel() and bool(((checked < 0) | (checked >= num_classes)).any()):
+    if value_checks_enabled() and checked.numel() and bool(((checked < 0) | (checked >= num_classes)).any()):
         raise ValueError(f"target labels must be in [0, {num_classes - 1}] (K={num_classes} classes), "
                          f"got values in [{int(checked.min())}, {int(checked.max())}]")
     return _weighted_ce(logits, target, class_weights, ignore_mask)

@@ -43,6 +43,7 @@ from nnssl.training.pseudo_label_quality import pseudo_label_dice
 from nnssl.training.ssl_log import SSLLogger
 from nnssl.training.step import SSLTerms, step_log
 from nnssl.training.unlabeled_data import JointBatchLoader, unlabeled_dataloader
+from nnssl.validation import trusted_inputs
 
 
 class UnsupportedByTrainer(SystemExit):
@@ -264,7 +265,7 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
         data, target, unlabeled = self.to_device(batch)
         weight = self.current_unsupervised_weight()
         self.zero_grad()
-        with self.autocast():
+        with self.autocast(), trusted_inputs():  # no value check (host sync) of the method functions in the step
             terms = self.ssl_terms(data, target, unlabeled)
             loss = terms.loss_supervised + weight * terms.loss_unsupervised if terms.loss is None else terms.loss
         self.backward_and_step(loss)

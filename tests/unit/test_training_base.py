@@ -12,22 +12,27 @@ import torch
 
 from nnssl.losses.entropy import softmax_entropy
 from nnssl.training.base import UnsupportedByTrainer
+from nnssl_trainers.cld import nnUNetTrainerCLD
 from nnssl_trainers.cps import nnUNetTrainerCPS
+from nnssl_trainers.crest import nnUNetTrainerCReST
 from nnssl_trainers.dhc import nnUNetTrainerDHC
 from nnssl_trainers.entropy_min import nnUNetTrainerEntropyMin
+from nnssl_trainers.guidednet import nnUNetTrainerGuidedNet
 from nnssl_trainers.mean_teacher import nnUNetTrainerMeanTeacher
 from nnssl_trainers.mgcc import nnUNetTrainerMGCC
+from nnssl_trainers.simis import nnUNetTrainerSimiS
 
 COMMON_KEYS = {"loss", "loss_supervised", "loss_unsupervised", "unsupervised_weight", "pseudo_label_confidence",
                "fraction_above_threshold"}
 
 
 class HostSyncCounter:
-    """Counts the tensor -> host copies (``.cpu()``, ``.item()``, ``.tolist()``) made while it is active."""
+    """Counts the tensor -> host reads (``.cpu()``, ``.item()``, ``.tolist()``, ``bool()``/``int()``/``float()`` of a
+    tensor) made while it is active."""
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        for name in ("cpu", "item", "tolist"):
+        for name in ("cpu", "item", "tolist", "__bool__", "__int__", "__float__"):
             original = getattr(torch.Tensor, name)
 
             def counted(tensor, *args, _original=original, **kwargs):
@@ -108,3 +113,19 @@ def test_softmax_entropy_properties():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="logits"):
         softmax_entropy(torch.zeros(2, k))
+
+
+@pytest.mark.parametrize("trainer_class", [nnUNetTrainerDHC, nnUNetTrainerGuidedNet, nnUNetTrainerCReST,
+                                           nnUNetTrainerSimiS, nnUNetTrainerCLD])
+def test_class_weighted_steps_keep_one_host_sync(trainer_class, tmp_path, monkeypatch):
+    """The value checks of the weighting functions (label range, finite weights, Dice range) are off inside the
+    step (nnssl.validation.trusted_inputs): they were a dozen host synchronisations a step."""
+    trainer = tiny.two_case_trainer(trainer_class, tmp_path, monkeypatch)
+    trainer.on_train_epoch_start()
+    trainer.global_iteration = 7
+    trainer.train_step(tiny.tiny_batch(torch.Generator().manual_seed(1)))  # first-step initialisation
+    counter = HostSyncCounter(monkeypatch)
+    out = trainer.train_step(tiny.tiny_batch(torch.Generator().manual_seed(0)))
+    monkeypatch.undo()
+    assert counter.calls == 1, "one host synchronisation per step (the logging one)"
+    assert all(math.isfinite(float(v)) for v in out.values())
