@@ -17,9 +17,11 @@ COMMON_KEYS = {"loss", "loss_supervised", "loss_unsupervised", "unsupervised_wei
                "fraction_above_threshold", "agreement"}
 
 
-def train_steps(trainer, steps: int = 3, seed: int = 0) -> list[dict]:
-    """``steps`` train steps on tiny joint batches, each with one host synchronisation (the step log's); every
-    logged value finite, the common keys and the method's own ``<prefix>_loss_supervised_a/_b`` present."""
+def train_steps(trainer, steps: int = 3, seed: int = 0, host_syncs: list[int] | None = None) -> list[dict]:
+    """``steps`` train steps on tiny joint batches, each with one host synchronisation (the step log's) unless
+    ``host_syncs`` says how many step by step; every logged value finite, the common keys and the method's own
+    ``<prefix>_loss_supervised_a/_b`` present."""
+    host_syncs = host_syncs or [1] * steps
     trainer.on_train_epoch_start()
     outputs = []
     for s in range(steps):
@@ -27,7 +29,7 @@ def train_steps(trainer, steps: int = 3, seed: int = 0) -> list[dict]:
         with pytest.MonkeyPatch.context() as patch:
             counter = HostSyncCounter(patch)
             outputs.append(trainer.train_step(batch))
-        assert counter.calls == 1, f"step {s}: {counter.calls} host synchronisations"
+        assert counter.calls == host_syncs[s], f"step {s}: {counter.calls} host synchronisations"
     prefix = trainer.log_prefix
     for out in outputs:
         assert COMMON_KEYS | {f"{prefix}_loss_supervised_a", f"{prefix}_loss_supervised_b"} <= set(out)

@@ -161,7 +161,9 @@ def test_trainer_bank_size_steps_log_and_restore(tmp_path, monkeypatch):
     assert trainer.bank_size() == 1  # no preprocessed unlabeled cases here: max(1, 0 // 4)
     bank = trainer.adaptive_thresholds["a"]
     assert bank.scores.shape == (1, K, tiny.PATCH, tiny.PATCH)
-    outputs = train_steps(trainer, steps=3)  # store, recompute, store
+    # store, recompute, store; the recompute reads each network's majority class and K k-th-value ranks on the host
+    # (Adsh's thresholds by design, docs/methods/adsh.md)
+    outputs = train_steps(trainer, steps=3, host_syncs=[1, 1 + 2 * (1 + tiny.K), 1])
     assert outputs[0]["adsh_threshold_mean_a"] == 0.0 and outputs[0]["adsh_kept_logits_a"] == 1.0
     assert outputs[1]["adsh_threshold_mean_a"] > 0.0 and bank.filled == 1
     fresh = reload_from_checkpoint(trainer, tmp_path, monkeypatch)
