@@ -275,7 +275,8 @@ def make_synthetic(preset: SpeedPreset, root: Path, env: dict[str, str]) -> None
     raw = make_synthetic_dataset(root / "nnUNet_raw", preset.dataset_id, preset.kind, n_labeled=preset.n_labeled,
                                  n_unlabeled=preset.n_unlabeled, n_test=1, seed=0)
     cmd = ["nnssl_plan_and_preprocess", "-d", str(preset.dataset_id), "-c", preset.configuration, "-np", "2"]
-    proc = subprocess.run(cmd, env={**env, "nnUNet_n_proc_DA": "2"}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**env, "nnUNet_n_proc_DA": "2"}, capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     if preset.narrow:

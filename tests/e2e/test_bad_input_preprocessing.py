@@ -338,7 +338,7 @@ def test_unlabeled_preprocessing_in_two_concurrent_parts_equals_one_run(planned,
 
     cmd = [UNLABELED, "-d", str(DATASET_ID), "-c", "3d_fullres", "-np", "1", "-num_parts", "2"]
     procs = [subprocess.Popen([*cmd, "-part_id", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True) for i in (0, 1)]
+                              encoding="utf-8", errors="replace") for i in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert "(part 0 of 2) (0/2 already done)" in outputs[0] and "(part 1 of 2) (0/1 already done)" in outputs[1]

@@ -33,7 +33,7 @@ def test_paper_splits_ship_with_an_installed_copy(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "NNSSL_SPLITS_DIR"}
     env["PYTHONPATH"] = str(site)
     out = subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path, env=env, capture_output=True,
-                         text=True).stdout.split()
+                         encoding="utf-8", errors="replace").stdout.split()
     assert out[0].startswith(str(site)) and out[1].startswith(str(site))  # the copy, not the source tree
     assert out[2] == "140"
     assert (site / "nnssl" / "data" / "paper_splits" / "PROVENANCE.md").is_file()

@@ -196,7 +196,7 @@ def test_pseudolabel_in_two_concurrent_parts_equals_one_run(synthetic3d, source_
            "-o", str(PARTS_ID), "-device", "cpu", "--disable-tta", "--no-progress", *args, "--cache-dir",
            str(parts_cache), "-num_parts", "2"]
     procs = [subprocess.Popen([*cmd, "-part_id", str(i)], env=ds.env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+                              stderr=subprocess.STDOUT, encoding="utf-8", errors="replace") for i in (0, 1)]
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     halves = (len(unlabeled) + 1) // 2, len(unlabeled) // 2

@@ -50,3 +50,17 @@ def test_test_modules_have_unique_basenames():
     tests = Path(__file__).resolve().parents[1]
     names = Counter(p.name for p in tests.rglob("test_*.py"))
     assert [n for n, c in names.items() if c > 1] == []
+
+
+def test_subprocess_output_is_decoded_as_utf8_whatever_the_locale():
+    """Our CLIs print UTF-8 (progress bars, dashes); ``text=True`` alone decodes with the locale's codec, which is
+    ASCII on a machine with ``LANG=C`` and raised UnicodeDecodeError in CI. Every decoding call names its codec."""
+    offenders = []
+    for folder in ("nnssl", "nnssl_trainers", "tests", "scripts"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Call):
+                    keywords = {k.arg for k in node.keywords}
+                    if keywords & {"text", "universal_newlines"} and "encoding" not in keywords:
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
