@@ -5,15 +5,12 @@
 from __future__ import annotations
 
 import torch
-from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import nn
 
 from nnssl.losses.cps import cps_loss_on_batch
-from nnssl.network_pair import NetworkPair, xavier_normal_init_
-from nnssl.tensors import argmax_agreement, as_list, unwrap
+from nnssl.tensors import argmax_agreement, as_list
 from nnssl.training.base import nnUNetTrainerSSLBase
-from nnssl.training.passes import PAIR_PASSES, NetworkPass
+from nnssl.training.network_pair_training import PairInOneModule
+from nnssl.training.passes import PAIR_PASSES
 from nnssl.training.step import SSLTerms
 
 
@@ -65,53 +62,9 @@ class nnUNetTrainerCPS_wholeBatch(nnUNetTrainerCPS):
     cps_on_labeled = True
 
 
-class nnUNetTrainerCPS_ensemble(nnUNetTrainerCPS):
+class nnUNetTrainerCPS_ensemble(PairInOneModule, nnUNetTrainerCPS):
     """CPS trained exactly as ``nnUNetTrainerCPS``, but ``self.network`` is a :class:`nnssl.network_pair.NetworkPair`
-    holding both networks, so ``network_weights`` holds both (``net1.*``, ``net2.*``) and ``nnUNetv2_predict -tr
-    nnUNetTrainerCPS_ensemble`` (and nnU-Net's validation) predicts with the **average of both networks' softmax**
-    (as ``log`` of the mean probabilities, a valid logit tensor for nnU-Net's sliding window and mirroring).
-
-    Both networks share one SGD optimizer and lr scheduler (SGD acts on each parameter alone, so this equals two
-    with the same settings); gradients are clipped to norm 12 per network; the checkpoint is nnU-Net's own.
-    """
-
-    second_network = None  # network 2 lives inside self.network (the pair)
-    network_passes = (NetworkPass("both", True, scale=2.0, note="the pair: both networks in one module"),)
-
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        def build() -> nn.Module:
-            return nnUNetTrainer.build_network_architecture(plans_manager, configuration_manager, num_input_channels,
-                                                            num_output_channels, enable_deep_supervision)
-
-        return NetworkPair(build(), xavier_normal_init_(build()))
-
-    @property
-    def network2(self) -> nn.Module:
-        return unwrap(self.network).net2
-
-    def forward_both(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        out1, out2 = self.network(x, return_both=True)  # through the compile / DDP wrappers of the pair
-        return as_list(out1), as_list(out2)
-
-    def set_deep_supervision_enabled(self, enabled: bool):
-        # nnU-Net's version sets ``decoder.deep_supervision`` on self.network, which the pair does not have
-        unwrap(self.network).set_deep_supervision(enabled)
-
-    def backward_and_step(self, loss: torch.Tensor) -> None:
-        """One backward, clip each network of the pair to norm 12, one optimizer step (GradScaler on CUDA)."""
-        pair = unwrap(self.network)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.unscale_(self.optimizer)
-        else:
-            loss.backward()
-        for net in (pair.net1, pair.net2):
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
-        if self.grad_scaler is not None:
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
-        else:
-            self.optimizer.step()
+    holding both networks (:class:`nnssl.training.network_pair_training.PairInOneModule`), so ``network_weights``
+    holds both (``net1.*``, ``net2.*``) and ``nnUNetv2_predict -tr nnUNetTrainerCPS_ensemble`` (and nnU-Net's
+    validation) predicts with the **average of both networks' softmax** (as ``log`` of the mean probabilities, a
+    valid logit tensor for nnU-Net's sliding window and mirroring). One SGD optimizer for both networks."""

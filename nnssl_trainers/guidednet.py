@@ -9,15 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from nnssl.debiasing import KnowledgeTransferWeighting
-from nnssl.gmm import DiagonalGaussianMixture, cross_network_kernel_consistency
+from nnssl.gmm import DiagonalGaussianMixture
 from nnssl.losses.cps import hard_pseudo_label
 from nnssl.losses.guidednet import (
     assemble_guidednet_loss,
-    batch_guidance_terms,
     gmm_rectified_pseudo_labels,
     kt_cps_class_weights,
     kt_cps_loss,
-    voxel_subset,
+    pair_guidance_terms,
 )
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
 from nnssl.tensors import argmax_agreement, as_list
@@ -75,7 +74,7 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
 
     def ssl_terms(self, data: Tensor, target, unlabeled: Tensor) -> SSLTerms:
         labels = target[0] if isinstance(target, list) else target  # (N_l, 1, *sp), full resolution
-        n_l, spatial = data.shape[0], data.shape[2:]
+        n_l = data.shape[0]
         inputs = torch.cat((data, unlabeled))
         outputs, features = [], []
         for net, tap in zip((self.network, self.network2), self.feature_taps):
@@ -85,12 +84,8 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
         logits = [out[0] for out in outputs]  # full resolution (N_l + N_u, K, *sp)
         supervised = [self.supervised_loss(out, target, n_l) for out in outputs]
 
-        index_l = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
-        index_u = voxel_subset(spatial, self.max_voxels_for_maps, data.device)
-        guidance = [batch_guidance_terms(z, f, labels, n_l, self.num_classes, index_l, index_u,
-                                         self.prototype_batch_mean) for z, f in zip(logits, features)]
-        kernel_consistency = cross_network_kernel_consistency(guidance[0].responsibility_labeled,
-                                                              guidance[1].responsibility_labeled)
+        guidance, kernel_consistency = pair_guidance_terms(logits, features, labels, n_l, self.num_classes,
+                                                           self.max_voxels_for_maps, self.prototype_batch_mean)
         w_a, w_b = kt_cps_class_weights(self.kt_weighting, logits[0][:n_l], logits[1][:n_l], labels)
         pseudo_u, extra_logs = self.unlabeled_pseudo_labels(logits, features, labels, n_l)
         pseudo = [None if p_u is None else torch.cat((hard_pseudo_label(z[:n_l]), p_u))

@@ -66,11 +66,8 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
         if self.was_initialized:
             return
         super().initialize()
-        stages = SDCLStages.for_schedule(self.num_epochs, self.pretrain_fraction, self.pretrain_epochs,
-                                         self.print_to_log_file)
-        self.stages = self.register_state("sdcl", stages)
-        self.print_to_log_file(f"SDCL: BCP pre-training for epochs [0, {stages.self_training_start_epoch}), "
-                               f"self-training afterwards (of {self.num_epochs} epochs)")
+        self.stages = self.register_state("sdcl", SDCLStages.for_schedule(
+            self.num_epochs, self.pretrain_fraction, self.pretrain_epochs, self.print_to_log_file))
 
     def build_extra_networks(self) -> None:
         cm = self.configuration_manager
@@ -85,12 +82,9 @@ class nnUNetTrainerSDCL(nnUNetTrainerSSLBase):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        if self.stages.stage == 1 and self.current_epoch >= self.stages.self_training_start_epoch:
-            # stage 2 begins: the teacher becomes a copy of student 1 (official: student 1's pre-train weights)
+        if self.stages.begin_self_training_if_due(self.current_epoch):
+            # the teacher becomes a copy of student 1 (official: student 1's pre-train weights)
             unwrap(self.teacher).load_state_dict(unwrap(self.network).state_dict())
-            self.stages.stage = 2
-            self.print_to_log_file(f"SDCL: stage 2 (self-training) from epoch {self.current_epoch}; teacher set to "
-                                   f"student 1")
 
     def current_unsupervised_weight(self) -> float:
         return 0.0 if self.stages.stage == 1 else 1.0  # the λ of SDCL's corrections are inside its loss

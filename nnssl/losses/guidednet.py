@@ -15,6 +15,7 @@ from nnssl.debiasing import KnowledgeTransferWeighting
 from nnssl.gmm import (
     DiagonalGaussianMixture,
     class_prototypes,
+    cross_network_kernel_consistency,
     kernel_responsibility,
     labeled_gmm_loss,
     pair_unlabeled_with_labeled,
@@ -133,6 +134,21 @@ def batch_guidance_terms(logits: Tensor, features: Tensor, labels: Tensor, n_lab
     f_u, z_u = flat_voxels(features[n_labeled:], dims, index_u), flat_voxels(logits[n_labeled:], dims, index_u)
     return guidance_terms(prototypes, present, f_l, z_l, flat_voxels(labels[:, 0], dims, index_l), f_u, z_u,
                           prototype_batch_mean=prototype_batch_mean)
+
+
+def pair_guidance_terms(logits: Sequence[Tensor], features: Sequence[Tensor], labels: Tensor, n_labeled: int,
+                        num_classes: int, max_voxels: int, prototype_batch_mean: bool = True
+                        ) -> tuple[list[GuidanceTerms], Tensor]:
+    """:func:`batch_guidance_terms` of each network on the SAME voxel subsets (labeled, then unlabeled: at most
+    ``max_voxels`` each, :func:`voxel_subset`) and the cross-network consistency ``C`` of their labeled kernel maps
+    (:func:`nnssl.gmm.cross_network_kernel_consistency`). ``logits`` / ``features``: one (N, ., *sp) tensor per network,
+    labeled rows first."""
+    spatial, device = labels.shape[2:], labels.device
+    index_l = voxel_subset(spatial, max_voxels, device)
+    index_u = voxel_subset(spatial, max_voxels, device)
+    guidance = [batch_guidance_terms(z, f, labels, n_labeled, num_classes, index_l, index_u, prototype_batch_mean)
+                for z, f in zip(logits, features)]
+    return guidance, cross_network_kernel_consistency(*(g.responsibility_labeled for g in guidance))
 
 
 def assemble_guidednet_loss(supervised: Sequence[Tensor], guidance: Sequence[Tensor], kernel_consistency: Tensor,

@@ -263,8 +263,20 @@ class SDCLStages:
     @classmethod
     def for_schedule(cls, num_epochs: int, fraction: float, explicit: int | None = None,
                      report: Callable[[str], None] = print) -> "SDCLStages":
-        """Stage 2 starts after :func:`pretrain_epoch_count` epochs of the schedule."""
-        return cls(pretrain_epoch_count(num_epochs, fraction, explicit), report)
+        """Stage 2 starts after :func:`pretrain_epoch_count` epochs of the schedule (the plan is reported)."""
+        stages = cls(pretrain_epoch_count(num_epochs, fraction, explicit), report)
+        report(f"SDCL: BCP pre-training for epochs [0, {stages.self_training_start_epoch}), self-training afterwards "
+               f"(of {num_epochs} epochs)")
+        return stages
+
+    def begin_self_training_if_due(self, epoch: int) -> bool:
+        """Switch to stage 2 when ``epoch`` reached the start epoch; True only at the switch (the caller then sets
+        the teacher to student 1)."""
+        if self.stage != 1 or epoch < self.self_training_start_epoch:
+            return False
+        self.stage = 2
+        self._report(f"SDCL: stage 2 (self-training) from epoch {epoch}; teacher set to student 1")
+        return True
 
     def state_dict(self) -> dict[str, int]:
         # the key names of the checkpoints written before this state was registered

@@ -14,6 +14,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnssl.ema import update_teacher_
 from nnssl.losses.sdcl import (
+    SDCLStages,
     deep_supervised_mix_loss,
     mixed_region_loss,
     pretrain_epoch_count,
@@ -335,6 +336,16 @@ def test_pretrain_epoch_count():
         pretrain_epoch_count(5, 1.5)
     with pytest.raises(ValueError, match="pretrain_epochs"):
         pretrain_epoch_count(5, 0.2, explicit=-1)
+
+
+def test_stages_switch_once_at_the_start_epoch_and_report_it():
+    messages = []
+    stages = SDCLStages.for_schedule(10, 0.2, report=messages.append)
+    assert stages.stage == 1 and stages.self_training_start_epoch == 2 and "[0, 2)" in messages[0]
+    assert [stages.begin_self_training_if_due(e) for e in range(5)] == [False, False, True, False, False]
+    assert stages.stage == 2 and "from epoch 2" in messages[1] and len(messages) == 2
+    resumed = SDCLStages(2, report=messages.append)
+    assert resumed.begin_self_training_if_due(7) and resumed.stage == 2  # a resume past the start switches at once
 
 
 # ------------------------------------------------------------------------------------------------ trainer, in process
