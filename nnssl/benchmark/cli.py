@@ -137,6 +137,7 @@ class RunResult:
     time_scale: float | None = None  # under the time budget: scaled / schedule iterations per epoch
     curve: dict[str, list[float]] | None = None  # nnU-Net's per-epoch validation Dice (nnssl.benchmark.curves)
     iterations_per_epoch: int | None = None
+    ssl_progress: dict[str, list[float | None]] | None = None  # the trainer's per-epoch SSL log (ssl_diagnostics)
 
 
 def check_trainers(names: list[str]) -> list[str]:
@@ -231,10 +232,12 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnssl.benchmark.curves import read_curve
+    from nnssl.benchmark.ssl_diagnostics import read_ssl_progress
 
     fold_dir = (Path(env["nnUNet_results"]) / maybe_convert_to_dataset_name(dataset_id)
                 / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}")
     result.curve = read_curve(fold_dir)
+    result.ssl_progress = read_ssl_progress(fold_dir)
     result.iterations_per_epoch = int(env.get("NNSSL_ITERATIONS_PER_EPOCH") or 250)
     result.max_rss_mb = memory["max_rss_mb"]
     result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
@@ -719,6 +722,7 @@ def gap_plot(rows: list[dict], path: Path) -> None:
 
 
 def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
+    from nnssl.benchmark.ssl_diagnostics import diagnostics_markdown, trainer_summaries
     from nnssl.io import atomic_write_json, atomic_write_text
 
     rows = summarize(results)
@@ -731,8 +735,13 @@ def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
         writer.writerows(rows)
     os.replace(tmp, out / "benchmark.csv")
     curve_lines = write_learning_curves(results, out)
+    diagnostics = diagnostics_markdown(trainer_summaries([(r.trainer, r.ssl_progress) for r in results
+                                                          if r.budget == ITERATIONS and not r.error]))
     atomic_write_text(out / "benchmark.md", markdown_table(rows) + (
-        "\n\n## Convergence of the references\n\n" + "\n".join(curve_lines) + "\n" if curve_lines else ""))
+        "\n\n## Convergence of the references\n\n" + "\n".join(curve_lines) + "\n" if curve_lines else "") + (
+        "\n\n## What the SSL rows did (equal iterations)\n\nThe trainers' own diagnostics (`ssl_progress.json`), mean "
+        "over the last quarter of the epochs, then over seeds; pseudo-label Dice against the withheld labels of the "
+        "unlabeled cases (never used in training).\n\n" + diagnostics + "\n" if diagnostics else ""))
     bar_plot(rows, out / "benchmark.png")
     gap_plot(rows, out / "benchmark_gap.png")
     return rows

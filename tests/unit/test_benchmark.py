@@ -134,6 +134,12 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     full_run = data["runs"][1]
     assert full_run["trainer"] == FULL_REFERENCE and np.isfinite(np.mean(list(full_run["dice"].values())))
     assert f"{n_unlabeled} unlabeled cases with their withheld labels" in full_run["notes"]
+    # the SSL row carries its own per-epoch diagnostics; the supervised rows log none
+    mt_run = data["runs"][2]
+    assert {"pseudo_label_dice", "unsupervised_weight", "loss_unsupervised"} <= set(mt_run["ssl_progress"])
+    assert data["runs"][0]["ssl_progress"] is None
+    diagnostics = (out / "benchmark.md").read_text(encoding="utf-8").split("## What the SSL rows did")[1]
+    assert "| nnUNetTrainerMeanTeacher |" in diagnostics and BASELINE not in diagnostics
 
     with open(out / "benchmark.csv") as f:
         csv_rows = list(csv.DictReader(f))
