@@ -62,6 +62,12 @@ class nnUNetTrainerCPS_wholeBatch(nnUNetTrainerCPS):
     cps_on_labeled = True
 
 
+class nnUNetTrainerCPS_unsupWeight0p2(nnUNetTrainerCPS):
+    """CPS at twice the paper's weight (0.2): nnU-Net's supervised Dice+CE (weights 1 + 1) is about twice SSL4MIS's
+    0.5 (CE + Dice), so 0.2 restores the paper's ratio of the two terms (issue-16 ablation, docs/methods/cps.md)."""
+
+    unsupervised_weight = 0.2
+
 class nnUNetTrainerCPS_ensemble(PairInOneModule, nnUNetTrainerCPS):
     """CPS trained exactly as ``nnUNetTrainerCPS``, but ``self.network`` is a :class:`nnssl.network_pair.NetworkPair`
     holding both networks (:class:`nnssl.training.network_pair_training.PairInOneModule`), so ``network_weights``

@@ -49,3 +49,11 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSLBase):
 class nnUNetTrainerMeanTeacher_consistencyAll(nnUNetTrainerMeanTeacher):
     consistency_on_labeled = True
     network_passes = (NetworkPass("both", True), NetworkPass("both", False, "teacher"))
+
+
+class nnUNetTrainerMeanTeacher_unsupWeight0p2(nnUNetTrainerMeanTeacher):
+    """Mean Teacher at twice the paper's consistency weight (0.2): nnU-Net's supervised Dice+CE (weights 1 + 1) is
+    about twice SSL4MIS's 0.5 (CE + Dice), so 0.2 restores the paper's ratio of the two terms (issue-16 ablation,
+    docs/methods/mean_teacher.md)."""
+
+    unsupervised_weight = 0.2
