@@ -23,8 +23,8 @@ class DecoderFeatureTap:
         decoder = getattr(unwrap(network), "decoder", None)
         stages = getattr(decoder, "stages", None)
         if not isinstance(stages, nn.ModuleList) or len(stages) == 0:
-            raise TypeError(f"GuidedNet needs a U-Net with a UNetDecoder (decoder.stages); got "
-                            f"{type(unwrap(network)).__name__}")
+            raise TypeError(f"reading the last decoder feature map needs a U-Net with a UNetDecoder (decoder.stages); "
+                            f"got {type(unwrap(network)).__name__}")
         self.features: Tensor | None = None
         self._active = False
         self._handle = stages[-1].register_forward_hook(self._hook)
