@@ -91,7 +91,7 @@ def test_nnunets_own_trainer_makes_nnunets_step_and_an_ssl_trainer_without_a_dec
 
 SSL_TRAINERS_TO_STEP = ["MeanTeacher", "MeanTeacher_consistencyAll", "CPS", "CPS_ensemble", "EntropyMin", "DHC",
                         "MGCC", "MGCC_mainSupervisionOnly", "GuidedNet", "SDCL", "UAMT", "URPC", "SSNet", "DST",
-                        "DePL", "Adsh", "CReST", "SimiS", "CLD", "Basak"]
+                        "DePL", "Adsh", "CReST", "SimiS", "CLD", "Basak", "WeakStrongMT", "WeakStrongMT_noTeacher"]
 
 
 @pytest.mark.parametrize("name", SSL_TRAINERS_TO_STEP)
