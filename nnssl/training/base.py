@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast, nn
 from torch import distributed as dist
@@ -42,7 +43,7 @@ from nnssl.training.environment import ENV_LABELED_BS, ENV_UNLABELED_BS, Schedul
 from nnssl.training.pseudo_label_quality import pseudo_label_dice
 from nnssl.training.ssl_log import SSLLogger
 from nnssl.training.step import SSLTerms, step_log
-from nnssl.training.unlabeled_data import JointBatchLoader, unlabeled_dataloader
+from nnssl.training.unlabeled_data import JointBatchLoader, augmentation_workers, n_proc_da, unlabeled_dataloader
 from nnssl.validation import trusted_inputs
 
 
@@ -216,8 +217,14 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
 
     # ------------------------------------------------------------------ data
     def get_dataloaders(self):
-        labeled, val = super().get_dataloaders()
-        return JointBatchLoader(labeled, unlabeled_dataloader(self, self.unlabeled_batch_size_per_rank)), val
+        total = get_allowed_n_proc_DA()
+        n_labeled, n_unlabeled = augmentation_workers(total, self.batch_size, self.unlabeled_batch_size_per_rank)
+        self.print_to_log_file(f"augmentation workers (nnUNet_n_proc_DA = {total}): {n_labeled} labeled "
+                               f"(validation: half of them) + {n_unlabeled} unlabeled")
+        with n_proc_da(n_labeled):
+            labeled, val = super().get_dataloaders()
+        unlabeled = unlabeled_dataloader(self, self.unlabeled_batch_size_per_rank, n_unlabeled)
+        return JointBatchLoader(labeled, unlabeled), val
 
     def to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | list[torch.Tensor], torch.Tensor]:
         data = batch["data"].to(self.device, non_blocking=True)

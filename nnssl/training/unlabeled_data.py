@@ -3,11 +3,14 @@ workers, and the loader that hands a trainer one labeled and one unlabeled batch
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
 from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
-from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 
 from nnssl.preprocessing.unlabeled import completed_cases, unlabeled_folder
 
@@ -48,12 +51,44 @@ def unlabeled_identifiers(trainer) -> list[str]:
     return cases
 
 
-def unlabeled_dataloader(trainer, batch_size: int):
+def augmentation_workers(total: int, labeled_batch: int, unlabeled_batch: int) -> tuple[int, int]:
+    """nnU-Net's augmentation budget per GPU (``nnUNet_n_proc_DA`` = ``total``) shared by the labeled and the
+    unlabeled stream in proportion to the patches each augments per step: ``(n_labeled, n_unlabeled)`` with
+    ``n_labeled + n_unlabeled = total`` and each at least 1 when ``total >= 2``; ``total = 1`` gives each stream one
+    worker (two in all: a stream in the main process would stall every step); ``total = 0`` none (both in the main
+    process, nnU-Net's debugging mode)."""
+    if labeled_batch < 1 or unlabeled_batch < 1:
+        raise ValueError(f"batch sizes must be >= 1, got {labeled_batch} labeled, {unlabeled_batch} unlabeled")
+    if total <= 0:
+        return 0, 0
+    if total == 1:
+        return 1, 1
+    n_unlabeled = min(total - 1, max(1, round(total * unlabeled_batch / (labeled_batch + unlabeled_batch))))
+    return total - n_unlabeled, n_unlabeled
+
+
+@contextlib.contextmanager
+def n_proc_da(n: int) -> Iterator[None]:
+    """``nnUNet_n_proc_DA = n`` for the duration of the block, then as before. nnU-Net's ``get_dataloaders`` reads its
+    worker counts from this variable (its documented override); setting it around the call gives the labeled stream
+    its share without copying nnU-Net's method."""
+    previous = os.environ.get("nnUNet_n_proc_DA")
+    os.environ["nnUNet_n_proc_DA"] = str(n)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["nnUNet_n_proc_DA"]
+        else:
+            os.environ["nnUNet_n_proc_DA"] = previous
+
+
+def unlabeled_dataloader(trainer, batch_size: int, num_workers: int):
     """nnU-Net's training pipeline of ``trainer`` on its unlabeled cases, ``batch_size`` patches per batch.
 
     The labeled pipeline without deep-supervision target downsampling (the 'segmentation' of an unlabeled case is
-    only its nonzero mask and is dropped after augmentation), uniformly random crops, and half of nnU-Net's
-    augmentation workers (``nnUNet_n_proc_DA``; none: in the main process).
+    only its nonzero mask and is dropped after augmentation), uniformly random crops, ``num_workers`` background
+    augmentation workers (:func:`augmentation_workers`; 0: in the main process).
     """
     folder = unlabeled_folder(trainer.preprocessed_dataset_folder_base, trainer.configuration_manager.data_identifier)
     dataset = nnUNetDatasetBlosc2(str(folder), unlabeled_identifiers(trainer))
@@ -68,9 +103,8 @@ def unlabeled_dataloader(trainer, batch_size: int):
     loader = nnUNetDataLoader(dataset, batch_size, initial_patch_size, trainer.configuration_manager.patch_size,
                               labels, oversample_foreground_percent=0.0, transforms=transforms)
     loader.has_ignore = False  # no annotation at all: crops are uniformly random
-    n_proc = get_allowed_n_proc_DA()
-    if n_proc == 0:
+    if num_workers == 0:
         return SingleThreadedAugmenter(loader, None)
-    return NonDetMultiThreadedAugmenter(loader, None, num_processes=max(1, n_proc // 2),
-                                        num_cached=max(3, n_proc // 2), seeds=None,
+    return NonDetMultiThreadedAugmenter(loader, None, num_processes=num_workers, num_cached=max(3, num_workers),
+                                        seeds=None,
                                         pin_memory=trainer.device.type == "cuda", wait_time=0.002)

@@ -129,3 +129,35 @@ def test_class_weighted_steps_keep_one_host_sync(trainer_class, tmp_path, monkey
     monkeypatch.undo()
     assert counter.calls == 1, "one host synchronisation per step (the logging one)"
     assert all(math.isfinite(float(v)) for v in out.values())
+
+
+def test_augmentation_workers_share_the_budget_in_proportion_to_the_patches():
+    from nnssl.training.unlabeled_data import augmentation_workers
+
+    assert augmentation_workers(0, 2, 2) == (0, 0)  # nnU-Net's main-process mode stays that
+    assert augmentation_workers(1, 2, 2) == (1, 1)  # a stream in the main process would stall every step
+    for total in range(2, 17):
+        for labeled, unlabeled in ((2, 2), (2, 6), (8, 1), (1, 1)):
+            n_l, n_u = augmentation_workers(total, labeled, unlabeled)
+            assert n_l + n_u == total and n_l >= 1 and n_u >= 1
+            assert abs(n_u / total - unlabeled / (labeled + unlabeled)) <= 0.5 / total + 1 / total
+    assert augmentation_workers(12, 2, 6) == (3, 9)
+    with pytest.raises(ValueError, match="batch sizes"):
+        augmentation_workers(4, 0, 2)
+
+
+def test_n_proc_da_is_set_for_the_block_only(monkeypatch):
+    import os
+
+    from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+
+    from nnssl.training.unlabeled_data import n_proc_da
+
+    monkeypatch.delenv("nnUNet_n_proc_DA", raising=False)
+    with n_proc_da(1):  # nnU-Net caps the value at the CPU count
+        assert get_allowed_n_proc_DA() == 1
+    assert "nnUNet_n_proc_DA" not in os.environ
+    monkeypatch.setenv("nnUNet_n_proc_DA", "7")
+    with pytest.raises(RuntimeError), n_proc_da(2):
+        raise RuntimeError("nnU-Net failed inside")
+    assert os.environ["nnUNet_n_proc_DA"] == "7"
