@@ -921,6 +921,20 @@ def rows_to_compute(run: DatasetRun, trainers: list[str], budgets: list[str], ou
 NOT_COMPUTED = "not computed yet (--tables-only: only finished rows are shown)"
 
 
+def _backfill_ssl_progress(result: RunResult, run: DatasetRun) -> bool:
+    """A row saved before rows kept the trainer's diagnostics gets them from its run's fold folder, when that is
+    still under the benchmark's output (the folder the row's training wrote; CPU rows are deterministic, so a rerun
+    would write the same). True if the row gained them."""
+    from nnssl.benchmark.ssl_diagnostics import read_ssl_progress
+
+    if result.ssl_progress is not None or result.error or result.skipped or "nnUNet_results" not in run.env:
+        return False
+    fold = (Path(run.env["nnUNet_results"]) / result.dataset / f"{result.trainer}__nnUNetPlans__{run.configuration}"
+            / f"fold_{run.fold}")
+    result.ssl_progress = read_ssl_progress(fold) if (fold / "checkpoint_final.pth").is_file() else None
+    return result.ssl_progress is not None
+
+
 def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disable_tta: bool,
              results: list[RunResult], start: float, full_skip: str | None = None, budget: str = ITERATIONS,
              compute: bool = True) -> None:
@@ -955,6 +969,8 @@ def run_rows(run: DatasetRun, trainers: list[str], out: Path, device: str, disab
         label = trainer if budget == ITERATIONS else f"{trainer} @ equal {budget}"
         if reused is not None:
             print(f"nnssl_benchmark: reusing finished row {row_file(out, key).name} ({run.label}: {label})")
+            if budget == ITERATIONS and _backfill_ssl_progress(reused, row_run):
+                save_row(out, key, reused)
             results.append(reused)
             continue
         if not compute:

@@ -47,3 +47,19 @@ def test_read_ssl_progress(tmp_path):
     assert read_ssl_progress(tmp_path) is None
     (tmp_path / "ssl_progress.json").write_text(json.dumps({"agreement": [0.5, None]}), encoding="utf-8")
     assert read_ssl_progress(tmp_path) == {"agreement": [0.5, None]}
+
+
+def test_a_reused_row_gains_the_diagnostics_of_its_runs_fold(tmp_path):
+    from nnssl.benchmark.cli import DatasetRun, RunResult, _backfill_ssl_progress
+
+    run = DatasetRun(970, "2d", "0", {"nnUNet_results": str(tmp_path)}, 0, "synthetic")
+    fold = tmp_path / "Dataset970_X" / "nnUNetTrainerMeanTeacher__nnUNetPlans__2d" / "fold_0"
+    fold.mkdir(parents=True)
+    (fold / "ssl_progress.json").write_text(json.dumps({"agreement": [0.5]}), encoding="utf-8")
+    row = RunResult("nnUNetTrainerMeanTeacher", "Dataset970_X", 0)
+    assert not _backfill_ssl_progress(row, run)  # no final checkpoint: not a finished run's folder
+    (fold / "checkpoint_final.pth").write_bytes(b"")
+    assert _backfill_ssl_progress(row, run) and row.ssl_progress == {"agreement": [0.5]}
+    assert not _backfill_ssl_progress(row, run)  # already there
+    failed = RunResult("nnUNetTrainerMeanTeacher", "Dataset970_X", 0, error="boom")
+    assert not _backfill_ssl_progress(failed, run) and failed.ssl_progress is None
