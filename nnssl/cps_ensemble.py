@@ -27,13 +27,17 @@ def cps_checkpoint_as_ensemble(checkpoint: dict) -> dict:
     return {**checkpoint, "network_weights": weights, "trainer_name": ENSEMBLE_TRAINER_NAME}
 
 
-def export_cps_ensemble(cps_fold_dir: str | os.PathLike, checkpoint_name: str = "checkpoint_final.pth") -> Path:
+def export_cps_ensemble(cps_fold_dir: str | os.PathLike, checkpoint_name: str = "checkpoint_final.pth",
+                        results_dir: str | os.PathLike | None = None) -> Path:
     """Write the ensemble of an ``nnUNetTrainerCPS`` run next to it, so that ``nnUNetv2_predict -tr
     nnUNetTrainerCPS_ensemble`` averages both networks without retraining.
 
     ``cps_fold_dir`` is ``.../<TRAINER>__<PLANS>__<CONFIG>/fold_X``; the result is
     ``.../nnUNetTrainerCPS_ensemble__<PLANS>__<CONFIG>/fold_X/<checkpoint_name>`` plus the plans.json and
-    dataset.json nnU-Net's predictor reads. Usage::
+    dataset.json nnU-Net's predictor reads; with ``results_dir`` under ``results_dir/<Dataset>/`` instead (an
+    nnUNet_results of its own, so that an ensemble trained as such is never overwritten). Any trainer whose
+    ``network2`` has the plans' architecture (DHC, GuidedNet, the zoo's CPS-based trainers) exports the same way.
+    Usage::
 
         python -c "from nnssl.cps_ensemble import export_cps_ensemble as e; e('$nnUNet_results/Dataset.../fold_0')"
     """
@@ -45,7 +49,8 @@ def export_cps_ensemble(cps_fold_dir: str | os.PathLike, checkpoint_name: str = 
     if not sep or not fold.name.startswith("fold_"):
         raise ValueError(f"{fold}: expected <TRAINER>__<PLANS>__<CONFIG>/fold_X as nnU-Net writes it")
     checkpoint = cps_checkpoint_as_ensemble(torch.load(source, map_location="cpu", weights_only=False))
-    target_model = fold.parent.parent / f"{ENSEMBLE_TRAINER_NAME}__{rest}"
+    dataset_dir = fold.parent.parent if results_dir is None else Path(results_dir) / fold.parent.parent.name
+    target_model = dataset_dir / f"{ENSEMBLE_TRAINER_NAME}__{rest}"
     (target_model / fold.name).mkdir(parents=True, exist_ok=True)
     for name in ("plans.json", "dataset.json"):
         shutil.copyfile(fold.parent / name, target_model / name)

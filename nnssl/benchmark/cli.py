@@ -68,6 +68,7 @@ from pathlib import Path
 import numpy as np
 
 from nnssl.benchmark.budget import BUDGETS, CALIBRATION_SCHEDULE, ITERATIONS, SMOKE_CALIBRATION_SCHEDULE, budgets_of
+from nnssl.benchmark.ensemble import ensemble_base
 from nnssl.benchmark.full_reference import missing_withheld_labels
 from nnssl.benchmark.generated import GenerationSettings, note_for, split_row_name
 from nnssl.benchmark.presets import (
@@ -145,17 +146,26 @@ def check_trainers(names: list[str]) -> list[str]:
     an :class:`InputError` naming the unknown ones, raised before anything runs or is written."""
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+    from nnssl.benchmark.ensemble import check_ensemble_trainer
+
     unknown = []
     for name in names:
         try:
-            trainer, _ = split_row_name(name)  # a generated row names its trainer and its unlabeled set
+            # a generated row names its trainer and its unlabeled set; an ensemble row its trainer
+            trainer = ensemble_base(name) or split_row_name(name)[0]
         except ValueError as e:
             raise InputError(f"--trainers: {e}") from None
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search module by module
-                recursive_find_trainer_class_by_name(trainer)
+                trainer_class = recursive_find_trainer_class_by_name(trainer)
         except RuntimeError:
             unknown.append(name)
+            continue
+        if ensemble_base(name):
+            try:
+                check_ensemble_trainer(trainer, trainer_class)
+            except ValueError as e:
+                raise InputError(f"--trainers: {e}") from None
     if unknown:
         raise InputError(f"--trainers: unknown trainer(s) {', '.join(unknown)}; nnssl trainers: "
                          f"{', '.join((BASELINE, *SSL_TRAINERS))} (variants: see the README; nnssl_doctor lists all)")
@@ -242,6 +252,26 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
     result.max_rss_mb = memory["max_rss_mb"]
     result.cuda_max_allocated_mb = memory["cuda_max_allocated_mb"]
     result.seconds_per_iteration = seconds_per_iteration(log.read_text(encoding="utf-8", errors="replace"))
+    return pred
+
+
+def _ensemble_predict(trainer: str, dataset: str, raw: Path, configuration: str, fold: str, env: dict[str, str],
+                      out: Path, device: str, tag: str, result: RunResult, disable_tta: bool = False) -> Path:
+    """``trainer``'s finished run exported as a pair (:mod:`nnssl.benchmark.ensemble`) and ``raw``'s imagesTs predicted
+    with both networks' averaged softmax; the cost fields stay those of no training (the run's are in its row)."""
+    from nnssl.benchmark.ensemble import base_fold
+    from nnssl.cps_ensemble import ENSEMBLE_TRAINER_NAME, export_cps_ensemble
+
+    results = out / "ensembles" / tag
+    export_cps_ensemble(base_fold(env, dataset, trainer, configuration, fold), results_dir=results)
+    pred = out / "predictions" / tag
+    workers = "0" if device == "cpu" else "1"
+    tta = ["--disable_tta"] if disable_tta else []
+    _run(["nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", dataset, "-c", configuration,
+          "-f", fold, "-tr", ENSEMBLE_TRAINER_NAME, "-device", device, "-npp", workers, "-nps", workers, *tta],
+         {**env, "nnUNet_results": str(results)}, out / f"{tag}.log")
+    result.notes = (f"{trainer}'s run of this seed predicting with both networks' averaged softmax "
+                    f"({ENSEMBLE_TRAINER_NAME}); nothing trained, costs: see {trainer}'s row")
     return pred
 
 
@@ -348,6 +378,9 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
                                                  tag)
             pred = _train_and_predict(BASELINE, full_reference_id, raw, configuration, fold, env, out, device, tag,
                                       result, disable_tta)
+        elif ensemble_base(trainer):
+            pred = _ensemble_predict(ensemble_base(trainer), dataset, raw, configuration, fold, env, out, device,
+                                     tag, result, disable_tta)
         elif split_row_name(trainer)[1] is not None:
             if generated_ids is None or generation is None:
                 raise ValueError(f"{trainer} needs the ids of its datasets and the generation settings")
@@ -792,7 +825,8 @@ def budget_trainers(trainers: list[str], budget: str, budgets: list[str] | None 
     """The rows of ``budget`` when ``budgets`` run: at equal iterations every trainer (only the references when the
     time budget runs alone: they are its references too), at equal time the SSL trainers."""
     if budget != ITERATIONS:  # a generated row costs what its plain row costs: only at equal iterations
-        return [t for t in trainers if not is_reference(t) and split_row_name(t)[1] is None]
+        return [t for t in trainers if not is_reference(t) and split_row_name(t)[1] is None
+                and ensemble_base(t) is None]
     return list(trainers) if budgets is None or ITERATIONS in budgets else [t for t in trainers if is_reference(t)]
 
 

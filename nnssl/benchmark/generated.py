@@ -55,7 +55,7 @@ def split_row_name(name: str) -> tuple[str, str | None]:
     """``nnUNetTrainerMGCC[generated]`` -> (``nnUNetTrainerMGCC``, ``generated``); a plain trainer -> (name, None).
     ValueError for an unknown variant."""
     match = _ROW.fullmatch(name)
-    if match is None:
+    if match is None or match["variant"] == "ensemble":  # an ensemble row trains nothing new (benchmark.ensemble)
         return name, None
     if match["variant"] not in VARIANTS:
         raise ValueError(f"{name}: unknown unlabeled set [{match['variant']}]; use one of "

@@ -69,7 +69,8 @@ def test_zoo_benchmark_smoke(synthetic2d, tmp_path):
     out = tmp_path / "bench"
     env = {**ds.env, "nnUNet_results": str(tmp_path / "results")}
     e2e.run_cli(["nnssl_benchmark", "-d", str(ds.dataset_id), "-c", "2d", "-f", "0", "--smoke", "-device", "cpu",
-             "-o", str(out), "--no-full-reference", "--trainers", *ZOO], env, timeout=3000)
+             "-o", str(out), "--no-full-reference", "--trainers", *ZOO, "nnUNetTrainerDePL[ensemble]"], env,
+            timeout=3000)
     runs = {r["trainer"]: r for r in json.loads((out / "benchmark.json").read_text(encoding="utf-8"))["runs"]}
     for trainer in ZOO:
         assert runs[trainer]["error"] is None, runs[trainer]
@@ -77,3 +78,9 @@ def test_zoo_benchmark_smoke(synthetic2d, tmp_path):
         assert runs[trainer]["seconds_per_iteration"] > 0
     table = (out / "benchmark.md").read_text(encoding="utf-8")
     assert all(f"| {t} |" in table for t in ZOO)
+    # DePL's run predicting with both networks: nothing trained, its own nnUNet_results, DePL's model untouched
+    ensemble = runs["nnUNetTrainerDePL[ensemble]"]
+    assert ensemble["error"] is None and np.isfinite(np.mean(list(ensemble["dice"].values()))), ensemble
+    assert "averaged softmax" in ensemble["notes"] and not ensemble["seconds_per_iteration"] > 0
+    (exported,) = (out / "ensembles").glob("*/*/nnUNetTrainerCPS_ensemble__nnUNetPlans__2d/fold_0/checkpoint_final.pth")
+    assert not (tmp_path / "results" / ds.name / "nnUNetTrainerCPS_ensemble__nnUNetPlans__2d").exists()
