@@ -81,6 +81,7 @@ from nnssl.benchmark.presets import (
     SMOKE_PRESET,
     SyntheticPreset,
 )
+from nnssl.benchmark.runs import finished_fold, fold_folder
 from nnssl.errors import InputError, report_user_errors
 
 BASELINE = "nnUNetTrainerSupervised"
@@ -244,8 +245,7 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
     from nnssl.benchmark.curves import read_curve
     from nnssl.benchmark.ssl_diagnostics import read_ssl_progress
 
-    fold_dir = (Path(env["nnUNet_results"]) / maybe_convert_to_dataset_name(dataset_id)
-                / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}")
+    fold_dir = fold_folder(env, maybe_convert_to_dataset_name(dataset_id), trainer, configuration, fold)
     result.curve = read_curve(fold_dir)
     result.ssl_progress = read_ssl_progress(fold_dir)
     result.iterations_per_epoch = int(env.get("NNSSL_ITERATIONS_PER_EPOCH") or 250)
@@ -259,11 +259,11 @@ def _ensemble_predict(trainer: str, dataset: str, raw: Path, configuration: str,
                       out: Path, device: str, tag: str, result: RunResult, disable_tta: bool = False) -> Path:
     """``trainer``'s finished run exported as a pair (:mod:`nnssl.benchmark.ensemble`) and ``raw``'s imagesTs predicted
     with both networks' averaged softmax; the cost fields stay those of no training (the run's are in its row)."""
-    from nnssl.benchmark.ensemble import base_fold
     from nnssl.cps_ensemble import ENSEMBLE_TRAINER_NAME, export_cps_ensemble
 
     results = out / "ensembles" / tag
-    export_cps_ensemble(base_fold(env, dataset, trainer, configuration, fold), results_dir=results)
+    run = finished_fold(env, dataset, trainer, configuration, fold, needed_by=f"{trainer}[ensemble]")
+    export_cps_ensemble(run, results_dir=results)
     pred = out / "predictions" / tag
     workers = "0" if device == "cpu" else "1"
     tta = ["--disable_tta"] if disable_tta else []
@@ -296,11 +296,9 @@ def _pseudo_label_stage(dataset_id: int, configuration: str, fold: str, env: dic
     Returns the stage-1 checkpoint and a note (selected cases, their Dice against withheld labels, seconds)."""
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
-    stage1 = (Path(env["nnUNet_results"]) / maybe_convert_to_dataset_name(dataset_id)
-              / f"{BASELINE}__nnUNetPlans__{configuration}" / f"fold_{fold}" / "checkpoint_final.pth")
-    if not stage1.is_file():
-        raise RuntimeError(f"stage 1 of the pseudo-label row is the {BASELINE} model, and {stage1} does not exist: "
-                           f"run {BASELINE} first (nnssl_benchmark puts it first in --trainers)")
+    # stage 1 is the baseline's model (nnssl_benchmark puts the baseline first in --trainers)
+    stage1 = finished_fold(env, maybe_convert_to_dataset_name(dataset_id), BASELINE, configuration, fold,
+                           needed_by="the pseudo-label row's stage 1") / "checkpoint_final.pth"
     start = time.time()
     _run(["nnssl_pseudolabel", "-d", str(dataset_id), "-c", configuration, "-f", fold, "-tr", BASELINE,
           "-o", str(round_.new_dataset_id), "--min-voxels", str(round_.min_voxels), "--preprocess", "--overwrite",
@@ -963,8 +961,7 @@ def _backfill_ssl_progress(result: RunResult, run: DatasetRun) -> bool:
 
     if result.ssl_progress is not None or result.error or result.skipped or "nnUNet_results" not in run.env:
         return False
-    fold = (Path(run.env["nnUNet_results"]) / result.dataset / f"{result.trainer}__nnUNetPlans__{run.configuration}"
-            / f"fold_{run.fold}")
+    fold = fold_folder(run.env, result.dataset, result.trainer, run.configuration, run.fold)
     result.ssl_progress = read_ssl_progress(fold) if (fold / "checkpoint_final.pth").is_file() else None
     return result.ssl_progress is not None
 

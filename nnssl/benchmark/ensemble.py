@@ -7,7 +7,6 @@ networks. Trainers whose second network has another architecture (SDCL) or that 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 SUFFIX = "[ensemble]"
 _ROW = re.compile(r"(?P<trainer>[A-Za-z0-9_]+)\[ensemble\]")
@@ -25,11 +24,3 @@ def check_ensemble_trainer(name: str, trainer_class: type) -> None:
         raise ValueError(f"{name}{SUFFIX}: needs a trainer whose second network has the plans' architecture "
                          f"(CPS, DHC, GuidedNet, DHC's CPS-based zoo); {name} declares none")
 
-
-def base_fold(env: dict[str, str], dataset: str, trainer: str, configuration: str, fold: str) -> Path:
-    """The fold folder of ``trainer``'s finished run, or a ValueError saying which row must come first."""
-    folder = Path(env["nnUNet_results"]) / dataset / f"{trainer}__nnUNetPlans__{configuration}" / f"fold_{fold}"
-    if not (folder / "checkpoint_final.pth").is_file():
-        raise ValueError(f"{trainer}{SUFFIX} needs the finished run of {trainer} in this output ({folder}): put "
-                         f"{trainer} before it in --trainers (a row reused from another output has no run here)")
-    return folder

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from nnssl.benchmark.ensemble import base_fold, check_ensemble_trainer, ensemble_base
+from nnssl.benchmark.ensemble import check_ensemble_trainer, ensemble_base
 from nnssl.benchmark.generated import split_row_name
+from nnssl.benchmark.runs import finished_fold
 
 
 def test_names():
@@ -27,12 +28,12 @@ def test_only_trainers_with_a_second_network_of_the_plans_architecture():
 
 def test_the_base_run_must_be_finished_in_this_output(tmp_path):
     env = {"nnUNet_results": str(tmp_path)}
-    with pytest.raises(ValueError, match="put nnUNetTrainerDHC before it"):
-        base_fold(env, "Dataset1_X", "nnUNetTrainerDHC", "2d", "0")
+    with pytest.raises(ValueError, match=r"DHC\[ensemble\] needs .* put nnUNetTrainerDHC before it"):
+        finished_fold(env, "Dataset1_X", "nnUNetTrainerDHC", "2d", "0", needed_by="nnUNetTrainerDHC[ensemble]")
     fold = tmp_path / "Dataset1_X" / "nnUNetTrainerDHC__nnUNetPlans__2d" / "fold_0"
     fold.mkdir(parents=True)
     (fold / "checkpoint_final.pth").write_bytes(b"")
-    assert base_fold(env, "Dataset1_X", "nnUNetTrainerDHC", "2d", "0") == fold
+    assert finished_fold(env, "Dataset1_X", "nnUNetTrainerDHC", "2d", "0", needed_by="x") == fold
 
 
 def test_the_cli_refuses_an_ensemble_of_a_one_network_trainer_in_one_line(monkeypatch):
