@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nnssl.losses.cps import as_label_map
+from nnssl.tensors import class_argmax
 from nnssl.validation import value_checks_enabled
 
 # the guard constant of the reference implementations (DHC DistDW / DiffDW, GuidedNet KTCPS)
@@ -133,7 +134,7 @@ class KnowledgeTransferWeighting(DistributionAwareWeighting):
         """EMA step from ``hist(where(argmax z_l == y, y, 0))``; ``target`` ``(N, *sp)`` or ``(N, 1, *sp)``."""
         _check_num_classes(logits_labeled, self.num_classes, type(self).__name__)
         labels = as_label_map(target, logits_labeled)
-        prediction = torch.argmax(logits_labeled.detach(), dim=1)
+        prediction = class_argmax(logits_labeled.detach())
         correct_labels = torch.where(prediction == labels, labels, torch.zeros_like(labels))
         return self._ema_step(class_histogram(correct_labels, self.num_classes), logits_labeled.device)
 
@@ -200,7 +201,7 @@ class DifficultyAwareWeighting:
         """One DiffDW step from model A's labelled logits ``(N, K, *sp)`` and labels ``(N[, 1], *sp)``."""
         _check_num_classes(logits_labeled, self.num_classes, type(self).__name__)
         labels = as_label_map(target, logits_labeled)
-        prediction = torch.argmax(logits_labeled.detach(), dim=1)
+        prediction = class_argmax(logits_labeled.detach())
         return self.update_from_dice(per_class_hard_dice(prediction, labels, self.num_classes))
 
     _STATE_KEYS = ("last_dice", "cls_learn", "cls_unlearn", "dice_weight", "weights")

@@ -19,7 +19,7 @@ from nnssl.losses.guidednet import (
     pair_guidance_terms,
 )
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
-from nnssl.tensors import argmax_agreement, as_list
+from nnssl.tensors import argmax_agreement, as_list, class_argmax
 from nnssl.training.base import nnUNetTrainerSSLBase
 from nnssl.training.class_statistics import fold_labeled_class_counts
 from nnssl.training.passes import PAIR_PASSES
@@ -135,7 +135,7 @@ class nnUNetTrainerGuidedNet_FittedGMM(nnUNetTrainerGuidedNet):
             pseudo, _ = gmm_rectified_pseudo_labels(z[n_labeled:], f[n_labeled:], gmm, self.gmm_rectify_strength,
                                                     self.gmm_rectify_rule)
             hard.append(pseudo)
-            changed.append((pseudo != z[n_labeled:].detach().argmax(1)).float().mean())
+            changed.append((pseudo != class_argmax(z[n_labeled:].detach())).float().mean())
         logs = {"gmm_relabeled_fraction": torch.stack(changed).mean(),
                 "gmm_fitted_classes": self.gmms[0].fitted.float().sum()}
         return hard, logs

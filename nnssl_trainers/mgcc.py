@@ -12,7 +12,7 @@ from nnssl.networks.multi_decoder import (
     auxiliary_bottlenecks,
     build_global_context_unet,
 )
-from nnssl.tensors import full_resolution, unwrap
+from nnssl.tensors import class_argmax, full_resolution, unwrap
 from nnssl.training.base import nnUNetTrainerSSLBase
 from nnssl.training.passes import NetworkPass
 from nnssl.training.step import SSLTerms
@@ -92,7 +92,7 @@ class nnUNetTrainerMGCC(nnUNetTrainerSSLBase):
 
     def _decisions(self, logits: Tensor) -> Tensor:
         """Hard decision per voxel (argmax; with regions: sigmoid > 0.5 per channel)."""
-        return torch.sigmoid(logits.float()) > 0.5 if self.label_manager.has_regions else logits.argmax(1)
+        return torch.sigmoid(logits.float()) > 0.5 if self.label_manager.has_regions else class_argmax(logits)
 
     def ssl_terms(self, data: Tensor, target, unlabeled: Tensor) -> SSLTerms:
         n_l = data.shape[0]

@@ -24,6 +24,7 @@ from torch import nn
 
 from nnssl.losses.cps import as_label_map
 from nnssl.losses.masked_ce import check_logits, check_same_shape
+from nnssl.tensors import class_argmax
 
 
 @torch.no_grad()
@@ -36,7 +37,7 @@ def adsh_thresholds(scores: torch.Tensor, thresh_major: float = 0.9) -> torch.Te
         raise ValueError(f"thresh_major must be in [0, 1], got {thresh_major!r}")
     n, num_classes = scores.shape[:2]
     flat = scores.detach().float().reshape(n, num_classes, -1)
-    counts = torch.bincount(flat.argmax(1).reshape(-1), minlength=num_classes).float()
+    counts = torch.bincount(class_argmax(flat).reshape(-1), minlength=num_classes).float()
     major = int(counts.argmax())
     confident = (flat[:, major] > thresh_major).sum().float()
     rho = (confident + 1e-8) / (counts[major] + 1e-8)
@@ -73,7 +74,7 @@ def adsh_cps_loss(logits_a: torch.Tensor, logits_b: torch.Tensor, mask_a: torch.
     """``CE(z_A ⊙ M_B, argmax z_B) + CE(z_B ⊙ M_A, argmax z_A)`` with ``M_X = 1[p_X > θ_X]`` (DHC ``train_adsh.py``:
     each network's own mask gates the logits of the network its pseudo-labels supervise)."""
     check_same_shape(logits_a, logits_b)
-    pseudo_a, pseudo_b = logits_a.detach().argmax(1), logits_b.detach().argmax(1)
+    pseudo_a, pseudo_b = class_argmax(logits_a.detach()), class_argmax(logits_b.detach())
     return masked_logit_cross_entropy(logits_a, pseudo_b, mask_b) + masked_logit_cross_entropy(logits_b, pseudo_a,
                                                                                                 mask_a)
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from nnssl.losses.cps import _check_logits, as_label_map
 from nnssl.losses.masked_ce import masked_cross_entropy
+from nnssl.tensors import class_argmax
 
 _GUARD = 1e-12  # DHC's guard in every per-class mean and in the rate normalisation
 
@@ -52,7 +53,7 @@ def class_sampling_map(logits: Tensor, rates: Tensor, noise: Tensor | None = Non
     _check_logits(logits, "logits")
     if rates.shape != (logits.shape[1],):
         raise ValueError(f"rates must have shape ({logits.shape[1]},), got {tuple(rates.shape)}")
-    predicted = torch.argmax(logits.detach(), dim=1)
+    predicted = class_argmax(logits.detach())
     if noise is None:
         noise = torch.rand(predicted.shape, device=logits.device)
     elif noise.shape != predicted.shape:

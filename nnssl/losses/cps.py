@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nnssl.tensors import class_argmax
 from nnssl.validation import value_checks_enabled
 
 
@@ -52,7 +53,7 @@ def hard_pseudo_label(logits: torch.Tensor) -> torch.Tensor:
     """``ŷ = argmax_k sg(z)_k`` as a LongTensor ``(N, *spatial)`` (notation of docs/methods/README.md;
     argmax z = argmax softmax z)."""
     _check_logits(logits, "logits")
-    return torch.argmax(logits.detach(), dim=1)
+    return class_argmax(logits.detach())
 
 
 def _weighted_ce(logits: torch.Tensor, target: torch.Tensor, class_weights: torch.Tensor | None,

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from nnssl.losses.masked_ce import check_logits, check_same_shape, confident_argmax
+from nnssl.tensors import class_argmax
 
 
 def warm_start_grl_coefficient(iteration: int, alpha: float = 1.0, lo: float = 0.0, hi: float = 0.1,
@@ -58,9 +59,9 @@ def worst_case_estimation_loss(main_labeled: torch.Tensor, worst_labeled: torch.
     unlabeled ones. The main head's logits are detached (its argmax is the target)."""
     check_same_shape(main_labeled, worst_labeled)
     check_same_shape(main_unlabeled, worst_unlabeled)
-    loss_l = F.cross_entropy(worst_labeled.float(), main_labeled.detach().argmax(1))
+    loss_l = F.cross_entropy(worst_labeled.float(), class_argmax(main_labeled.detach()))
     not_predicted = 1.0 - torch.softmax(worst_unlabeled.float(), dim=1)
-    loss_u = F.nll_loss(torch.log(torch.clamp(not_predicted + 1e-6, max=1.0)), main_unlabeled.detach().argmax(1))
+    loss_u = F.nll_loss(torch.log(torch.clamp(not_predicted + 1e-6, max=1.0)), class_argmax(main_unlabeled.detach()))
     return labeled_weight * loss_l + loss_u
 
 

@@ -24,6 +24,7 @@ from nnssl.gmm import (
     unlabeled_gmm_loss,
 )
 from nnssl.losses.cps import cross_pseudo_supervision_loss, hard_pseudo_label, weighted_cross_entropy
+from nnssl.tensors import class_argmax
 
 
 def voxel_subset(spatial_shape: Sequence[int], max_voxels: int, device: torch.device | str) -> Tensor | None:
@@ -182,4 +183,4 @@ def gmm_rectified_pseudo_labels(logits_u: Tensor, features_u: Tensor, gmm: Diago
         probs = torch.softmax(logits_u.detach().float(), dim=1)
         if gmm.all_classes_fitted:
             probs = rectify_pseudo_labels(probs, gmm.class_posterior(features_u), strength, rule)
-        return probs.argmax(1), probs
+        return class_argmax(probs), probs

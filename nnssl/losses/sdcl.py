@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nnssl.mixing import MixedBatch
+from nnssl.tensors import class_argmax
 
 __all__ = ["mixed_region_loss", "discrepancy_mask", "discrepancy_mse_loss", "discrepancy_uniform_ce_loss"]
 
@@ -128,7 +129,7 @@ def discrepancy_mask(logits_1: Tensor, logits_2: Tensor) -> Tensor:
     if logits_1.shape != logits_2.shape:
         raise ValueError(f"logits_2: shape {tuple(logits_2.shape)} != logits_1 shape {tuple(logits_1.shape)}")
     # argmax of the logits equals argmax of the softmax; float32 so bf16 ties do not differ from the reference
-    return logits_1.detach().float().argmax(1) != logits_2.detach().float().argmax(1)
+    return class_argmax(logits_1.detach().float()) != class_argmax(logits_2.detach().float())
 
 
 def discrepancy_mse_loss(logits: Tensor, target: Tensor, weight_map: Tensor, disc_mask: Tensor) -> Tensor:
@@ -165,7 +166,7 @@ def discrepancy_uniform_ce_loss(logits: Tensor, target: Tensor, weight_map: Tens
         omega = _voxel_map(weight_map, logits, "weight_map")
         z = logits.float()
         with torch.no_grad():
-            wrong = (z.argmax(1) != t).float()
+            wrong = (class_argmax(z) != t).float()
         ce_uniform = -torch.log_softmax(z, dim=1).mean(1)
         g = omega * wrong * ce_uniform
         return (d * g).sum() / ((d * wrong).sum() + DENOM_EPS)

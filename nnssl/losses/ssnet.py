@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nnssl.networks.ssnet_heads import SSNetHeads
-from nnssl.tensors import full_resolution
+from nnssl.tensors import class_argmax, full_resolution
 
 
 def soft_dice_with_background(probs: Tensor, target: Tensor, smooth: float = 1e-8) -> Tensor:
@@ -169,7 +169,7 @@ def ssnet_contrastive_terms(heads: SSNetHeads, memory: FeatureMemory, features: 
     vectors = features.movedim(1, -1)  # (N, *spatial, C)
     labels = labels.long()
     with torch.no_grad():
-        hard = logits.detach().argmax(1)
+        hard = class_argmax(logits.detach())
         correct = correct_foreground(hard[:n_labeled], labels)
         if bool(correct.any()):
             was_training = heads.training

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnssl.tensors import full_resolution, unwrap
+from nnssl.tensors import class_argmax, full_resolution, unwrap
 
 
 @torch.no_grad()
@@ -42,7 +42,7 @@ def pseudo_label_dice(network: nn.Module, unlabeled_folder: Path, withheld_folde
         y = torch.from_numpy(np.ascontiguousarray(crop_and_pad_nd(label, bbox, -1)))[0].to(device)
         with autocast():
             out = net(x.to(device))
-        pred = full_resolution(out)[0].argmax(0)
+        pred = class_argmax(full_resolution(out)[0], dim=0)
         valid = y >= 0
         for i, c in enumerate(foreground_labels):
             p, t = (pred == c) & valid, (y == c) & valid

@@ -64,3 +64,23 @@ def test_subprocess_output_is_decoded_as_utf8_whatever_the_locale():
                     if keywords & {"text", "universal_newlines"} and "encoding" not in keywords:
                         offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
+
+
+def test_hard_labels_use_class_argmax_not_torch_argmax():
+    """``torch.argmax`` over the class dimension is 4-8x slower than ``max(dim).indices`` on a CPU (see
+    ``nnssl.tensors.class_argmax``); every tensor argmax with a dimension in the library and the trainers goes through
+    the helper (numpy's ``np.argmax`` and argmax of a flat tensor are not concerned)."""
+    offenders = []
+    for folder in ("nnssl", "nnssl_trainers"):
+        for path in (REPO / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                        and node.func.attr == "argmax"):
+                    continue
+                on_numpy = isinstance(node.func.value, ast.Name) and node.func.value.id in ("np", "numpy")
+                takes_dim = bool(node.args if not (isinstance(node.func.value, ast.Name)
+                                                   and node.func.value.id == "torch") else node.args[1:])
+                takes_dim = takes_dim or any(k.arg == "dim" for k in node.keywords)
+                if takes_dim and not on_numpy:
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
