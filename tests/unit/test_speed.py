@@ -184,11 +184,17 @@ def test_summary_gives_ratio_to_nnunet_floor_tax_and_wait_fraction():
     kinds = {(2, True): 0.5, (4, True): 1.0, (2, False): 0.25}
     rows = summarize([result(REFERENCE, 0.6, SUPERVISED_PASSES, waits=(0.0, 0.06)),
                       result("nnUNetTrainerMeanTeacher", 1.5, MT, waits=(0.3, 0.0)),
-                      SpeedResult("nnUNetTrainerBroken", error="RuntimeError: boom")], kinds)
-    ref, mt, broken = rows
+                      SpeedResult("nnUNetTrainerBroken", error="RuntimeError: boom"),
+                      result("nnUNetTrainerSlowMT", 1.875, MT)], kinds)
+    ref, mt, broken, slow = rows
     assert ref["ratio_to_nnUNetTrainer"] == 1.0 and mt["ratio_to_nnUNetTrainer"] == pytest.approx(2.5)
     assert ref["floor_seconds_per_iteration"] == 0.5 and ref["ssl_tax"] == pytest.approx(1.2)
     assert mt["floor_seconds_per_iteration"] == 1.25 and mt["ssl_tax"] == pytest.approx(1.2)
+    # the tax nnU-Net's own step pays (1.2 here) is not the method's: same tax -> 1.0, 1.5 -> 1.25
+    assert ref["ssl_tax_over_nnUNetTrainer"] == pytest.approx(1.0)
+    assert mt["ssl_tax_over_nnUNetTrainer"] == pytest.approx(1.0)
+    assert slow["ssl_tax"] == pytest.approx(1.5) and slow["ssl_tax_over_nnUNetTrainer"] == pytest.approx(1.25)
+    assert math.isnan(broken["ssl_tax_over_nnUNetTrainer"])
     assert ref["data_wait_fraction"] == pytest.approx(0.05) and mt["data_wait_fraction"] == pytest.approx(0.1)
     assert mt["passes_agree"] and mt["batch"] == "2 + 2" and mt["patch"] == "64x64"
     assert broken["error"] == "RuntimeError: boom" and math.isnan(broken["ssl_tax"])
