@@ -94,6 +94,7 @@ SSL_TRAINERS = (
     "nnUNetTrainerDHC",
     "nnUNetTrainerMGCC",
     "nnUNetTrainerPseudoLabelFinetune",
+    "nnUNetTrainerWeakStrongMT",  # nnssl's own combination (docs/methods/weak_strong.md)
     # DHC's method zoo (xmed-lab/DHC train_<method>.py)
     "nnUNetTrainerUAMT",
     "nnUNetTrainerURPC",
