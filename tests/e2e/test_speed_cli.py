@@ -29,6 +29,8 @@ def test_speed_table_of_three_trainers_on_the_synthetic_cpu_preset(tmp_path: Pat
         assert r["peak_memory_mb"] > 0 and r["memory_kind"] == "RSS" and r["device"] == "cpu"
         assert r["passes_agree"], (name, r["passes_declared"], r["passes_counted"])
     assert rows["nnUNetTrainer"]["ratio_to_nnUNetTrainer"] == 1.0
+    assert abs(rows["nnUNetTrainer"]["ssl_tax_over_nnUNetTrainer"] - 1.0) < 1e-9  # nnU-Net's own tax is the unit
+    assert all(r["ssl_tax_over_nnUNetTrainer"] > 0 for r in rows.values())
     n_l, n_u = (int(x) for x in rows["nnUNetTrainerMeanTeacher"]["batch"].split(" + "))
     assert rows["nnUNetTrainer"]["batch"] == f"{n_l} + 0"
     # Mean Teacher: the student on the whole batch with autograd, the teacher once on the unlabeled rows without
@@ -41,7 +43,7 @@ def test_speed_table_of_three_trainers_on_the_synthetic_cpu_preset(tmp_path: Pat
     assert abs(rows["nnUNetTrainerCPS"]["floor_seconds_per_iteration"] - 2 * floors[f"{n_l + n_u}:1"]) < 1e-9
 
     md = (out / "speed.md").read_text()
-    assert md.count("\n| nnUNetTrainer") == 3 and "SSL tax" in md and first.stdout.count("| nnUNetTrainer") == 3
+    assert md.count("\n| nnUNetTrainer") == 3 and "SSL tax" in md and "tax / nnUNetTrainer's" in md and first.stdout.count("| nnUNetTrainer") == 3
     with open(out / "speed.csv", newline="") as f:
         assert [r["trainer"] for r in csv.DictReader(f)] == TRAINERS
 
