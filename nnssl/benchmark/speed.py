@@ -154,26 +154,19 @@ def _finite(x) -> bool:
 def summarize(results: list[SpeedResult], kind_seconds: dict[tuple[int, bool], float]) -> list[dict]:
     """The table rows: ratio to ``nnUNetTrainer``, floor, SSL tax, data-wait fraction and the passes."""
     reference = next((r for r in results if r.trainer == REFERENCE and r.error is None), None)
-    # nnU-Net's own step costs more than its passes (loss with deep supervision, optimizer step, gradient clipping,
-    # batch transfer): the part of a method's tax that nnU-Net pays too is not the method's
-    reference_floor = (floor_seconds(reference.declared_passes, kind_seconds)
-                       if reference is not None and reference.declared_passes else float("nan"))
-    reference_tax = (reference.seconds_per_iteration / reference_floor
-                     if reference is not None and _finite(reference_floor) and reference_floor > 0 else float("nan"))
     rows = []
     for r in results:
         ok = r.error is None
         floor = floor_seconds(r.declared_passes, kind_seconds) if ok and r.declared_passes else float("nan")
         ratio = (r.seconds_per_iteration / reference.seconds_per_iteration
                  if ok and reference is not None and reference.seconds_per_iteration > 0 else float("nan"))
-        tax = r.seconds_per_iteration / floor if ok and _finite(floor) and floor > 0 else float("nan")
         rows.append({
             "trainer": r.trainer,
             "seconds_per_iteration": r.seconds_per_iteration if ok else float("nan"),
             "ratio_to_nnUNetTrainer": ratio,
             "floor_seconds_per_iteration": floor,
-            "ssl_tax": tax,
-            "ssl_tax_over_nnUNetTrainer": tax / reference_tax if _finite(reference_tax) else float("nan"),
+            "ssl_tax": r.seconds_per_iteration / floor if ok and _finite(floor) and floor > 0 else float("nan"),
+            "ssl_tax_over_nnUNetTrainer": float("nan"),
             "data_wait_fraction": wait_fraction(r.wait_seconds, r.step_seconds) if ok else float("nan"),
             "peak_memory_mb": r.peak_memory_mb if ok else float("nan"),
             "memory_kind": r.memory_kind,
@@ -186,6 +179,12 @@ def summarize(results: list[SpeedResult], kind_seconds: dict[tuple[int, bool], f
             "batch": f"{r.labeled_batch} + {r.unlabeled_batch}" if ok else "",
             "error": r.error,
         })
+    # nnU-Net's own step costs more than its passes (loss with deep supervision, optimizer step, gradient clipping,
+    # batch transfer): the part of a method's tax that nnU-Net pays too is not the method's
+    reference_tax = next((row["ssl_tax"] for row in rows if row["trainer"] == REFERENCE and not row["error"]), None)
+    if reference_tax is not None and _finite(reference_tax) and reference_tax > 0:
+        for row in rows:
+            row["ssl_tax_over_nnUNetTrainer"] = row["ssl_tax"] / reference_tax
     return rows
 
 
@@ -199,10 +198,11 @@ COLUMNS = ("trainer | s/iter (median) | ratio to nnUNetTrainer | floor s/iter | 
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + COLUMNS + " |", "|" + " --- |" * len(COLUMNS.split(" | "))]
+    n_columns = len(COLUMNS.split(" | "))
+    lines = ["| " + COLUMNS + " |", "|" + " --- |" * n_columns]
     for r in rows:
         if r["error"]:
-            lines.append(f"| {r['trainer']} | error: {r['error'].replace('|', '/')} |" + " |" * 11)
+            lines.append(f"| {r['trainer']} | error: {r['error'].replace('|', '/')} |" + " |" * (n_columns - 2))
             continue
         counted = r["passes_counted"] + ("" if r["passes_agree"] else " (differs)")
         device = r["device"] + (" compiled" if r["compiled"] else "")

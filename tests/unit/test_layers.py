@@ -77,10 +77,10 @@ def test_hard_labels_use_class_argmax_not_torch_argmax():
                 if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                         and node.func.attr == "argmax"):
                     continue
-                on_numpy = isinstance(node.func.value, ast.Name) and node.func.value.id in ("np", "numpy")
-                takes_dim = bool(node.args if not (isinstance(node.func.value, ast.Name)
-                                                   and node.func.value.id == "torch") else node.args[1:])
-                takes_dim = takes_dim or any(k.arg == "dim" for k in node.keywords)
-                if takes_dim and not on_numpy:
+                owner = node.func.value.id if isinstance(node.func.value, ast.Name) else None
+                if owner in ("np", "numpy"):
+                    continue
+                dim_args = node.args[1:] if owner == "torch" else node.args  # torch.argmax(x, 1) / x.argmax(1)
+                if dim_args or any(k.arg == "dim" for k in node.keywords):
                     offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert offenders == []
