@@ -52,6 +52,7 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
     supports_regions = False
     unsupported_reason = "the method needs softmax class probabilities"
     kt_momentum: float = 0.99
+    kt_class_weighting: bool = True  # False: every KT-CPS class weight 1 (the _uniformKTCPS ablation)
     prototype_batch_mean: bool = True
     max_voxels_for_maps: int = 2 ** 17  # voxels per patch for kernel maps / GMM losses (131 072 ~ 51^3)
 
@@ -87,6 +88,8 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
         guidance, kernel_consistency = pair_guidance_terms(logits, features, labels, n_l, self.num_classes,
                                                            self.max_voxels_for_maps, self.prototype_batch_mean)
         w_a, w_b = kt_cps_class_weights(self.kt_weighting, logits[0][:n_l], logits[1][:n_l], labels)
+        if not self.kt_class_weighting:
+            w_a = w_b = torch.ones_like(w_a)
         pseudo_u, extra_logs = self.unlabeled_pseudo_labels(logits, features, labels, n_l)
         pseudo = [None if p_u is None else torch.cat((hard_pseudo_label(z[:n_l]), p_u))
                   for z, p_u in zip(logits, pseudo_u)]
@@ -105,6 +108,19 @@ class nnUNetTrainerGuidedNet(nnUNetTrainerSSLBase):
                         "loss_gmm_unlabeled": (guidance[0].gmm_unlabeled + guidance[1].gmm_unlabeled) / 2,
                         "loss_kernel_consistency": kernel_consistency, "loss_ktcps": kt_cps,
                         "kt_weight_min": w_b.min(), "kt_weight_max": w_b.max(), **extra_logs})
+
+
+class nnUNetTrainerGuidedNet_noGuidance(nnUNetTrainerGuidedNet):
+    """Ablation: λ = 0, so neither the guidance G nor the kernel consistency C acts; KT-CPS alone."""
+
+    guidance_weight = 0.0
+
+
+class nnUNetTrainerGuidedNet_uniformKTCPS(nnUNetTrainerGuidedNet):
+    """Ablation: KT-CPS with every class weight 1 (plain CPS) instead of DistDW on the correct voxels, which gives
+    the most frequent class (background) weight 0, so the official KT-CPS never pulls a voxel towards it."""
+
+    kt_class_weighting = False
 
 
 class nnUNetTrainerGuidedNet_FittedGMM(nnUNetTrainerGuidedNet):

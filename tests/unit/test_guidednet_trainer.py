@@ -30,7 +30,12 @@ from nnssl.losses.guidednet import (
 from nnssl.network_pair import xavier_normal_init_
 from nnssl.networks.feature_tap import DecoderFeatureTap, decoder_feature_channels
 from nnssl.training.class_statistics import labeled_class_counts
-from nnssl_trainers.guidednet import nnUNetTrainerGuidedNet, nnUNetTrainerGuidedNet_FittedGMM
+from nnssl_trainers.guidednet import (
+    nnUNetTrainerGuidedNet,
+    nnUNetTrainerGuidedNet_FittedGMM,
+    nnUNetTrainerGuidedNet_noGuidance,
+    nnUNetTrainerGuidedNet_uniformKTCPS,
+)
 
 
 def _tiny_unet(dim: int, deep_supervision: bool, num_classes: int = 3) -> nn.Module:
@@ -330,6 +335,7 @@ class _TrainStepHarness:
     unsupervised_weight = 0.1
     current_epoch = 0
     prototype_batch_mean = True
+    kt_class_weighting = True
     enable_deep_supervision = False
 
     def __init__(self, trainer_cls, max_voxels: int, num_classes: int = 3):
@@ -337,6 +343,7 @@ class _TrainStepHarness:
         from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
         self.unlabeled_pseudo_labels = trainer_cls.unlabeled_pseudo_labels.__get__(self)
+        self.guidance_weight, self.kt_class_weighting = trainer_cls.guidance_weight, trainer_cls.kt_class_weighting
         self.network = _tiny_unet(3, False, num_classes)
         self.network2 = xavier_normal_init_(_tiny_unet(3, False, num_classes))
         self.feature_taps = (DecoderFeatureTap(self.network), DecoderFeatureTap(self.network2))
@@ -403,3 +410,24 @@ def test_train_step_runs_with_subsampling_unequal_batches_and_absent_classes(tra
     after = [next(harness.network.parameters()), next(harness.network2.parameters())]
     assert all(not torch.equal(a, b) for a, b in zip(before, after))
     assert not torch.equal(harness.kt_weighting.weights, w0)
+
+
+def test_ablation_variants_drop_the_guidance_or_the_kt_class_weights():
+    batch = {"data": torch.randn(1, 1, 8, 8, 8), "target": torch.randint(0, 3, (1, 1, 8, 8, 8)).float(),
+             "unlabeled_data": torch.randn(2, 1, 8, 8, 8)}
+    out = {}
+    for cls in (nnUNetTrainerGuidedNet, nnUNetTrainerGuidedNet_noGuidance, nnUNetTrainerGuidedNet_uniformKTCPS):
+        torch.manual_seed(0)
+        harness = _TrainStepHarness(cls, max_voxels=200)
+        w0 = harness.kt_weighting.weights.clone()
+        out[cls] = harness.train_step(batch)
+        assert not torch.equal(harness.kt_weighting.weights, w0)  # the KT-CPS state updates in every variant
+    base, no_guidance, uniform = out.values()
+    assert base["guidednet_kt_weight_min"] == 0.0  # DistDW: the most frequent class gets weight 0
+    assert uniform["guidednet_kt_weight_min"] == uniform["guidednet_kt_weight_max"] == 1.0
+    # same initialisation and batch: the guidance terms are computed alike; only their weight in the loss differs
+    assert no_guidance["guidednet_loss_gmm_labeled"] == pytest.approx(base["guidednet_loss_gmm_labeled"])
+    assert no_guidance["loss_unsupervised"] == pytest.approx(no_guidance["guidednet_loss_ktcps"])
+    assert no_guidance["loss"] == pytest.approx(no_guidance["loss_supervised"] + no_guidance["unsupervised_weight"]
+                                                * no_guidance["guidednet_loss_ktcps"], rel=1e-5)
+    assert base["loss"] > no_guidance["loss"]
