@@ -11,7 +11,10 @@ The compute floor of a method is the passes it needs, declared by its trainer cl
 pass kind (rows, backward) is timed once in another subprocess as nnU-Net's ``nnUNetTrainer`` network forward (and
 backward) on random patches of the same patch size, under the same autocast and compile decision; the floor is their
 sum (times each pass's ``scale``) and the SSL tax = seconds per iteration / floor. The ratio is to
-``nnUNetTrainer``, nnU-Net's own trainer, when it is in the table.
+``nnUNetTrainer``, nnU-Net's own trainer, when it is in the table. Where the trainer is not compiled, the arithmetic
+of one real step (FLOPs of convolutions and matrix products, forward and backward, counted by torch's
+``FlopCounterMode``) over the floor's passes' FLOPs says whether a tax is arithmetic the declared passes do not count
+(a network larger than the plans', an auxiliary decoder costing more than its declared ``scale``) or overhead.
 
 Rows are saved under ``OUTPUT/rows/`` (:mod:`nnssl.benchmark.resume`) and reused by a rerun with the same key
 (dataset and plans, configuration, fold, trainer, device, warm-up and iterations, ``nnUNet_n_proc_DA``,
@@ -86,15 +89,18 @@ class SpeedResult:
     patch: list[int] = field(default_factory=list)
     device: str = ""
     compiled: bool = False
+    step_flops: float | None = None  # one step's convolution / matmul FLOPs (None: compiled, or not counted)
     error: str | None = None
 
 
 @dataclass
 class FloorResult:
-    """The median seconds of one pass kind of nnU-Net's network (``trainer`` is ``floor:ROWS:BACKWARD``)."""
+    """The median seconds and the FLOPs of one pass kind of nnU-Net's network (``trainer`` is
+    ``floor:ROWS:BACKWARD``)."""
 
     trainer: str
     seconds: float = float("nan")
+    flops: float | None = None  # None: compiled, or a row written before FLOPs were counted
     error: str | None = None
 
 
@@ -114,13 +120,13 @@ def kind_name(rows: int, backward: bool) -> str:
     return f"floor:{rows}:{int(backward)}"
 
 
-def floor_seconds(passes: list[dict], kind_seconds: dict[tuple[int, bool], float]) -> float:
-    """Sum over the passes of scale x the timed seconds of its kind; NaN when a kind is missing."""
+def floor_sum(passes: list[dict], per_kind: dict[tuple[int, bool], float]) -> float:
+    """Sum over the passes of scale x its kind's value (seconds, or FLOPs); NaN when a kind is missing."""
     total = 0.0
     for p in passes:
         scale = p.get("scale", 1.0)
         if scale > 0:
-            total += scale * kind_seconds.get((int(p["rows"]), bool(p["backward"])), float("nan"))
+            total += scale * per_kind.get((int(p["rows"]), bool(p["backward"])), float("nan"))
     return total
 
 
@@ -151,13 +157,16 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and x == x and abs(x) != float("inf")
 
 
-def summarize(results: list[SpeedResult], kind_seconds: dict[tuple[int, bool], float]) -> list[dict]:
-    """The table rows: ratio to ``nnUNetTrainer``, floor, SSL tax, data-wait fraction and the passes."""
+def summarize(results: list[SpeedResult], kind_seconds: dict[tuple[int, bool], float],
+              kind_flops: dict[tuple[int, bool], float] | None = None) -> list[dict]:
+    """The table rows: ratio to ``nnUNetTrainer``, floor, SSL tax, a step's FLOPs over the floor's, data-wait
+    fraction and the passes."""
     reference = next((r for r in results if r.trainer == REFERENCE and r.error is None), None)
     rows = []
     for r in results:
         ok = r.error is None
-        floor = floor_seconds(r.declared_passes, kind_seconds) if ok and r.declared_passes else float("nan")
+        floor = floor_sum(r.declared_passes, kind_seconds) if ok and r.declared_passes else float("nan")
+        floor_flops = floor_sum(r.declared_passes, kind_flops or {}) if ok and r.declared_passes else float("nan")
         ratio = (r.seconds_per_iteration / reference.seconds_per_iteration
                  if ok and reference is not None and reference.seconds_per_iteration > 0 else float("nan"))
         rows.append({
@@ -167,6 +176,8 @@ def summarize(results: list[SpeedResult], kind_seconds: dict[tuple[int, bool], f
             "floor_seconds_per_iteration": floor,
             "ssl_tax": r.seconds_per_iteration / floor if ok and _finite(floor) and floor > 0 else float("nan"),
             "ssl_tax_over_nnUNetTrainer": float("nan"),
+            "flops_over_floor": (r.step_flops / floor_flops if ok and r.step_flops is not None and _finite(floor_flops)
+                                 and floor_flops > 0 else float("nan")),
             "data_wait_fraction": wait_fraction(r.wait_seconds, r.step_seconds) if ok else float("nan"),
             "peak_memory_mb": r.peak_memory_mb if ok else float("nan"),
             "memory_kind": r.memory_kind,
@@ -193,7 +204,7 @@ def _fmt(x, spec: str) -> str:
 
 
 COLUMNS = ("trainer | s/iter (median) | ratio to nnUNetTrainer | floor s/iter | SSL tax | tax / nnUNetTrainer's | "
-           "data wait | peak MB | "
+           "FLOPs / floor's | data wait | peak MB | "
            "passes declared | passes counted | device | patch | batch (labeled + unlabeled)")
 
 
@@ -209,6 +220,7 @@ def markdown_table(rows: list[dict]) -> str:
         lines.append(f"| {r['trainer']} | {_fmt(r['seconds_per_iteration'], '.4f')} | "
                      f"{_fmt(r['ratio_to_nnUNetTrainer'], '.2f')} | {_fmt(r['floor_seconds_per_iteration'], '.4f')} | "
                      f"{_fmt(r['ssl_tax'], '.2f')} | {_fmt(r['ssl_tax_over_nnUNetTrainer'], '.2f')} | "
+                     f"{_fmt(r['flops_over_floor'], '.2f')} | "
                      f"{_fmt(r['data_wait_fraction'], '.1%')} | "
                      f"{_fmt(r['peak_memory_mb'], '.0f')} {r['memory_kind']} | {r['passes_declared']} | {counted} | "
                      f"{device} | {r['patch']} | {r['batch']} |")
@@ -222,6 +234,10 @@ EXPLANATION = """\
   (+ backward) on as many patches, same autocast and compile; no loss, no optimizer step. SSL tax = s/iter / floor.
 - tax / nnUNetTrainer's: the SSL tax over nnU-Net's own (its loss, optimizer step, clipping and batch transfer are
   above the floor too): what the method adds beyond what every nnU-Net step pays; 1.00 = nothing.
+- FLOPs / floor's: the convolution and matrix-product FLOPs of one real step (forward + backward, torch's
+  `FlopCounterMode`; not counted for a compiled trainer: "-") over those of the floor's passes. About 1: the tax is
+  overhead (losses, optimizer, small operations); above 1: arithmetic the declared passes do not count (a larger
+  network than the plans', extra decoders or heads costing more than their declared scale, feature statistics).
 - data wait: time blocked in `next(dataloader_train)` over the step time, summed over the timed iterations.
 - peak MB: GPU `max_memory_allocated` (GPU) or the process's peak resident memory (RSS, augmentation workers excluded).
 - passes: one step's network calls, `name rows fwd+bwd` (autograd on) or `fwd` (no grad); counted with forward hooks
@@ -347,13 +363,16 @@ def measure_trainers(trainers: list[str], base_args: list[str], env: dict[str, s
 
 
 def measure_floor(results: list[SpeedResult], base_args: list[str], env: dict[str, str], out: Path, key_of,
-                  timeout: float) -> dict[tuple[int, bool], float]:
+                  timeout: float) -> tuple[dict[tuple[int, bool], float], dict[tuple[int, bool], float]]:
+    """Seconds and FLOPs of every pass kind the rows' floors need: ``(kind_seconds, kind_flops)``."""
     kinds = set().union(*[pass_kinds(r.declared_passes) for r in results if r.error is None])
-    seconds, missing = {}, []
+    seconds, flops, missing = {}, {}, []
     for rows, backward in sorted(kinds):
         stored = load_row(out, key_of(kind_name(rows, backward)), FloorResult)
         if stored is not None:
             seconds[(rows, backward)] = stored.seconds
+            if stored.flops is not None:
+                flops[(rows, backward)] = stored.flops
         else:
             missing.append((rows, backward))
     if missing:
@@ -363,10 +382,13 @@ def measure_floor(results: list[SpeedResult], base_args: list[str], env: dict[st
             print(f"nnssl_speed: floor: error: {error}", flush=True)
         for rows, backward in missing:
             value = record.get("seconds", {}).get(f"{rows}:{int(backward)}")
-            result = FloorResult(kind_name(rows, backward), float("nan") if value is None else value, error)
+            counted = record.get("flops", {}).get(f"{rows}:{int(backward)}")
+            result = FloorResult(kind_name(rows, backward), float("nan") if value is None else value, counted, error)
             save_row(out, key_of(result.trainer), result)
             seconds[(rows, backward)] = result.seconds
-    return seconds
+            if counted is not None:
+                flops[(rows, backward)] = counted
+    return seconds, flops
 
 
 @report_user_errors("nnssl_speed")
@@ -448,12 +470,13 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     deadline = began + args.deadline if args.deadline is not None else float("inf")
     results = measure_trainers(trainers, base_args, env, out, key_of, args.timeout, deadline)
-    kind_seconds = measure_floor(results, base_args, env, out, key_of, args.timeout)
-    rows = summarize(results, kind_seconds)
+    kind_seconds, kind_flops = measure_floor(results, base_args, env, out, key_of, args.timeout)
+    rows = summarize(results, kind_seconds, kind_flops)
     settings = {"dataset": name, "configuration": configuration, "fold": args.fold, "device": device,
                 "warmup": args.warmup, "iterations": args.iterations, "nnUNet_n_proc_DA": options["n_proc_DA"],
                 "nnUNet_compile": options["compile"], "floor_seconds": {f"{r}:{int(b)}": s for (r, b), s in
                                                                         sorted(kind_seconds.items())},
+                "floor_flops": {f"{r}:{int(b)}": f for (r, b), f in sorted(kind_flops.items())},
                 "description": f"{name} {configuration} fold {args.fold} on {device}: {args.warmup} warm-up + "
                                f"{args.iterations} timed iterations per trainer (median), at epoch num_epochs // 2; "
                                f"nnUNet_n_proc_DA={options['n_proc_DA']}, nnUNet_compile={options['compile']}"

@@ -10,13 +10,14 @@ main stage, e.g. SDCL's self-training) and ``on_train_epoch_start()``, then time
     t0; batch = next(trainer.dataloader_train); t1; trainer.train_step(batch); t2     wait = t1 - t0, step = t2 - t0
 
 (``train_step`` returns host values, so the device's work is finished at ``t2``), counts the network passes of the
-last warm-up step with forward hooks (:class:`PassCounter`), reads the peak memory and calls ``on_train_end()``
-(checkpointing disabled, as ``nnUNetv2_train --disable_checkpointing``).
+last warm-up step with forward hooks (:class:`PassCounter`), reads the peak memory, counts the FLOPs of one more step
+(:func:`step_flops`; not for a compiled trainer) and calls ``on_train_end()`` (checkpointing disabled, as
+``nnUNetv2_train --disable_checkpointing``).
 
 ``... floor -d D -c C -f F -device DEV --warmup W --iterations N --kinds ROWS:BACKWARD ... OUT.json`` builds
 nnU-Net's own ``nnUNetTrainer`` the same way (its network, compile decision and GradScaler) and times, per kind,
 ``zero_grad``, the forward of ``ROWS`` random patches under nnU-Net's autocast and (``BACKWARD`` = 1) the backward of
-the sum of the outputs' means; no loss function, no optimizer step.
+the sum of the outputs' means; no loss function, no optimizer step; and counts one such pass's FLOPs.
 """
 
 from __future__ import annotations
@@ -123,6 +124,25 @@ def build_trainer(name: str, dataset: str, configuration: str, fold: str, device
     return trainer
 
 
+def counted_flops(fn) -> float:
+    """The convolution / matrix-product FLOPs (forward and backward) torch's ``FlopCounterMode`` counts in ``fn()``;
+    elementwise operations and reductions count 0, as in that counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def step_flops(trainer) -> float | None:
+    """FLOPs of one more ``train_step`` on the next batch; None for a compiled trainer (its kernels bypass the
+    counter). Runs after the timed steps: counting slows the step down."""
+    if trainer._do_i_compile():
+        return None
+    batch = next(trainer.dataloader_train)
+    return counted_flops(lambda: trainer.train_step(batch))
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20, "GPU"
@@ -153,6 +173,7 @@ def measure_trainer(name: str, dataset: str, configuration: str, fold: str, devi
                 waits.append(t1 - t0)
                 steps.append(t2 - t0)
         memory, memory_kind = peak_memory(device)
+        flops = step_flops(trainer)
         n_labeled, n_unlabeled = int(trainer.batch_size), int(getattr(trainer, "unlabeled_batch_size_per_rank", 0) or 0)
         passes = passes_of(type(trainer))
         return {"trainer": name, "seconds_per_iteration": median(steps), "wait_seconds": waits, "step_seconds": steps,
@@ -160,7 +181,7 @@ def measure_trainer(name: str, dataset: str, configuration: str, fold: str, devi
                 "declared_passes": resolve_passes(passes, n_labeled, n_unlabeled) if passes else [],
                 "labeled_batch": n_labeled, "unlabeled_batch": n_unlabeled,
                 "patch": [int(s) for s in trainer.configuration_manager.patch_size], "device": str(device),
-                "compiled": bool(trainer._do_i_compile()), "epoch": trainer.current_epoch}
+                "compiled": bool(trainer._do_i_compile()), "epoch": trainer.current_epoch, "step_flops": flops}
     finally:
         trainer.on_train_end()
 
@@ -178,12 +199,11 @@ def measure_floor(dataset: str, configuration: str, fold: str, device_name: str,
     network = trainer.network
     network.train()
     patch = [int(s) for s in trainer.configuration_manager.patch_size]
-    results = {}
+    results, flops = {}, {}
     for rows, backward in kinds:
         x = torch.randn(rows, trainer.num_input_channels, *patch, device=device)
-        times = []
-        for i in range(warmup + iterations):
-            t0 = time.perf_counter()
+
+        def one_pass():
             trainer.optimizer.zero_grad(set_to_none=True)
             with torch.set_grad_enabled(backward), trainer_autocast(device):
                 outputs = network(x)
@@ -191,12 +211,19 @@ def measure_floor(dataset: str, configuration: str, fold: str, device_name: str,
             if backward:
                 (trainer.grad_scaler.scale(loss) if trainer.grad_scaler is not None else loss).backward()
             loss.item()  # the host waits for the device, as train_step's returned loss does
+
+        times = []
+        for i in range(warmup + iterations):
+            t0 = time.perf_counter()
+            one_pass()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
         results[f"{rows}:{int(backward)}"] = median(times)
+        if not trainer._do_i_compile():
+            flops[f"{rows}:{int(backward)}"] = counted_flops(one_pass)
     memory, memory_kind = peak_memory(device)
-    return {"seconds": results, "patch": patch, "compiled": bool(trainer._do_i_compile()), "device": str(device),
-            "peak_memory_mb": memory, "memory_kind": memory_kind}
+    return {"seconds": results, "flops": flops, "patch": patch, "compiled": bool(trainer._do_i_compile()),
+            "device": str(device), "peak_memory_mb": memory, "memory_kind": memory_kind}
 
 
 def trainer_autocast(device: torch.device):

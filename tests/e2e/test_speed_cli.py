@@ -41,9 +41,15 @@ def test_speed_table_of_three_trainers_on_the_synthetic_cpu_preset(tmp_path: Pat
     floors = table["settings"]["floor_seconds"]
     assert set(floors) == {f"{n_l}:1", f"{n_l + n_u}:1", f"{n_u}:0"}
     assert abs(rows["nnUNetTrainerCPS"]["floor_seconds_per_iteration"] - 2 * floors[f"{n_l + n_u}:1"]) < 1e-9
+    # these three trainers' arithmetic is their declared passes (the losses, EMA and optimizer steps count no
+    # convolution or matrix-product FLOPs; nnU-Net skips the backward of the deep-supervision output it weights 0,
+    # 1e-4 here): a mis-declared pass or a forward computed twice would move this off 1 by >= 25 %
+    assert all(floor > 0 for floor in table["settings"]["floor_flops"].values())
+    assert all(abs(r["flops_over_floor"] - 1.0) < 1e-3 for r in rows.values()), {
+        n: r["flops_over_floor"] for n, r in rows.items()}
 
     md = (out / "speed.md").read_text()
-    assert "tax / nnUNetTrainer's" in md
+    assert "tax / nnUNetTrainer's" in md and "FLOPs / floor's" in md
     assert md.count("\n| nnUNetTrainer") == 3 and "SSL tax" in md and first.stdout.count("| nnUNetTrainer") == 3
     with open(out / "speed.csv", newline="") as f:
         assert [r["trainer"] for r in csv.DictReader(f)] == TRAINERS

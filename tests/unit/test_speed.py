@@ -20,7 +20,7 @@ from nnssl.benchmark.resume import load_row, row_key, save_row
 from nnssl.benchmark.speed import (
     REFERENCE,
     SpeedResult,
-    floor_seconds,
+    floor_sum,
     format_passes,
     markdown_table,
     pass_kinds,
@@ -176,8 +176,8 @@ def test_floor_is_the_sum_of_the_timed_kinds_times_their_scale():
                                                                                             scale=0.0)), 2, 2)
     assert pass_kinds(passes) == {(4, True), (2, False)}
     kinds = {(4, True): 1.0, (2, False): 0.25}
-    assert floor_seconds(passes, kinds) == pytest.approx(1.0 + 0.25 + 1.5)
-    assert math.isnan(floor_seconds(passes, {(4, True): 1.0}))
+    assert floor_sum(passes, kinds) == pytest.approx(1.0 + 0.25 + 1.5)
+    assert math.isnan(floor_sum(passes, {(4, True): 1.0}))
 
 
 def test_summary_gives_ratio_to_nnunet_floor_tax_and_wait_fraction():
@@ -233,3 +233,23 @@ def test_no_trainer_is_started_after_the_deadline_and_its_row_is_not_saved(tmp_p
 
     results = measure_trainers(["nnUNetTrainer"], [], {}, tmp_path, key_of, timeout=1, deadline=0.0)
     assert results[0].error.startswith("not run: --deadline") and not (tmp_path / "rows").exists()
+
+
+def test_flops_over_floor_compares_a_step_with_its_declared_passes():
+    kinds, kind_flops = {(4, True): 1.0, (2, False): 0.25}, {(4, True): 300.0, (2, False): 50.0}
+    exact, bigger, uncounted = (result(n, 1.5, MT) for n in ("nnUNetTrainerMeanTeacher", "nnUNetTrainerBig", "X"))
+    exact.step_flops, bigger.step_flops = 350.0, 455.0  # 1.3x the arithmetic of its declared passes
+    rows = summarize([exact, bigger, uncounted], kinds, kind_flops)
+    assert rows[0]["flops_over_floor"] == pytest.approx(1.0) and rows[1]["flops_over_floor"] == pytest.approx(1.3)
+    assert math.isnan(rows[2]["flops_over_floor"])  # compiled: not counted (step_flops None)
+    assert math.isnan(summarize([exact], kinds)[0]["flops_over_floor"])  # floor rows without FLOPs (older rows)
+
+
+def test_counted_flops_are_additive_over_batch_rows_and_count_the_backward():
+    from nnssl.benchmark.speed_worker import counted_flops
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 3))
+    forward = {n: counted_flops(lambda n=n: net(torch.randn(n, 1, 16, 16))) for n in (2, 4)}
+    both = counted_flops(lambda: net(torch.randn(2, 1, 16, 16)).sum().backward())
+    assert forward[2] > 0 and forward[4] == 2 * forward[2]
+    assert 2 * forward[2] < both <= 3 * forward[2]  # weight gradients of both layers, the input gradient of the 2nd
