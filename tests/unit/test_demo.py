@@ -66,7 +66,7 @@ def test_demo_runs_end_to_end_and_reuses_its_rows(tmp_path):
     cmd = ["nnssl_demo", "--work-dir", str(work), "--device", "cpu", "--epochs", "1", "--iterations-per-epoch", "2"]
     first = run_cli(cmd, env)
     table = first.stdout.split("Dice (overlap")[1]
-    for row in ("labeled-only (3 labeled)", "MeanTeacher (3 labeled + 40 unlabeled)", "fully supervised (43 labeled)"):
+    for row in ("labeled-only (3 labeled)", "WeakStrongMT (3 labeled + 40 unlabeled)", "fully supervised (43 labeled)"):
         assert row in table
     assert "gap closed" in table and "epoch 1/1" in first.stdout
     assert "| nnUNetTrainerSupervised |" not in first.stdout  # the benchmark's wide table stays in benchmark.md
