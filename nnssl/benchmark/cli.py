@@ -141,6 +141,7 @@ class RunResult:
     curve: dict[str, list[float]] | None = None  # nnU-Net's per-epoch validation Dice (nnssl.benchmark.curves)
     iterations_per_epoch: int | None = None
     ssl_progress: dict[str, list[float | None]] | None = None  # the trainer's per-epoch SSL log (ssl_diagnostics)
+    volume_ratio: dict[str, float] | None = None  # class -> predicted / true volume on the test set (volume_bias)
 
 
 def check_trainers(names: list[str]) -> list[str]:
@@ -278,6 +279,7 @@ def _ensemble_predict(trainer: str, dataset: str, raw: Path, configuration: str,
 
 def _evaluate(pred: Path, raw: Path, result: RunResult) -> None:
     """Score the predictions against ``raw``'s labelsTs (per-class mean Dice and NSD into ``result``)."""
+    from nnssl.benchmark.volume_bias import volume_ratios
     from nnssl.evaluation.evaluate import evaluate_folders
 
     dataset_json = json.loads((raw / "dataset.json").read_text())
@@ -288,6 +290,7 @@ def _evaluate(pred: Path, raw: Path, result: RunResult) -> None:
     # kept for the paired test against labeled-only (pairs = seeds x test cases)
     result.per_case_dice = {c["case"]: {n: float(m["dice"]) for n, m in c["metrics"].items()}
                             for c in summary["per_case"]}
+    result.volume_ratio = volume_ratios(summary["per_case"])
 
 
 def _pseudo_label_stage(dataset_id: int, configuration: str, fold: str, env: dict[str, str], out: Path,
@@ -755,6 +758,7 @@ def gap_plot(rows: list[dict], path: Path) -> None:
 
 def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
     from nnssl.benchmark.ssl_diagnostics import diagnostics_markdown, trainer_summaries
+    from nnssl.benchmark.volume_bias import volume_bias_markdown
     from nnssl.io import atomic_write_json, atomic_write_text
 
     rows = summarize(results)
@@ -769,11 +773,16 @@ def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
     curve_lines = write_learning_curves(results, out)
     diagnostics = diagnostics_markdown(trainer_summaries([(r.trainer, r.ssl_progress) for r in results
                                                           if r.budget == ITERATIONS and not r.error]))
+    volume = volume_bias_markdown([(r.trainer, r.seed, r.volume_ratio) for r in results
+                                   if r.budget == ITERATIONS and not r.error])
     atomic_write_text(out / "benchmark.md", markdown_table(rows) + (
         "\n\n## Convergence of the references\n\n" + "\n".join(curve_lines) + "\n" if curve_lines else "") + (
         "\n\n## What the SSL rows did (equal iterations)\n\nThe trainers' own diagnostics (`ssl_progress.json`), mean "
         "over the last quarter of the epochs, then over seeds; pseudo-label Dice against the withheld labels of the "
-        "unlabeled cases (never used in training).\n\n" + diagnostics + "\n" if diagnostics else ""))
+        "unlabeled cases (never used in training).\n\n" + diagnostics + "\n" if diagnostics else "") + (
+        "\n\n## Predicted / true volume on the test set (equal iterations)\n\nPer class, the predicted voxels over "
+        "the reference voxels summed over the test cases (1 = unbiased, above 1 = the row over-segments); mean over "
+        "seeds (each seed's value in brackets).\n\n" + volume + "\n" if volume else ""))
     bar_plot(rows, out / "benchmark.png")
     gap_plot(rows, out / "benchmark_gap.png")
     return rows

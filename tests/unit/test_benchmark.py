@@ -104,6 +104,8 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
         assert run["seconds_per_iteration"] > 0 and run["max_rss_mb"] > 100
         assert run["dataset"] == ds.name  # the pseudo-label row is scored in the source dataset's table
         assert len(run["per_case_dice"]) == 2  # both test cases, for the paired test
+        assert set(run["volume_ratio"]) == set(run["dice"])  # predicted / true volume per class, from the evaluation
+        assert all(v >= 0 or v != v for v in run["volume_ratio"].values())  # NaN: class absent from the references
 
     registry = json.loads((out / PSEUDO_LABEL_REGISTRY).read_text())
     (new_id,) = registry.values()
@@ -139,7 +141,10 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     assert {"pseudo_label_dice", "unsupervised_weight", "loss_unsupervised"} <= set(mt_run["ssl_progress"])
     assert data["runs"][0]["ssl_progress"] is None
     diagnostics = (out / "benchmark.md").read_text(encoding="utf-8").split("## What the SSL rows did")[1]
-    assert "| nnUNetTrainerMeanTeacher |" in diagnostics and BASELINE not in diagnostics
+    assert "| nnUNetTrainerMeanTeacher |" in diagnostics.split("## Predicted / true volume")[0]
+    assert BASELINE not in diagnostics.split("## Predicted / true volume")[0]
+    volume = diagnostics.split("## Predicted / true volume")[1]
+    assert f"| {BASELINE} |" in volume and "| nnUNetTrainerMeanTeacher |" in volume
 
     with open(out / "benchmark.csv") as f:
         csv_rows = list(csv.DictReader(f))
