@@ -2,8 +2,9 @@
 
 A method can lose Dice by growing (or shrinking) a structure everywhere: GuidedNet's KT-CPS weights, which give
 background weight 0, made it predict the myocardium at 3.1x its true area on one seed of the 2D CPU preset (4.6x
-with KT-CPS alone; docs/methods/guidednet.md). Dice alone does not say which way a row errs; this ratio does. Computed from the
-``n_pred_voxels`` / ``n_ref_voxels`` that :func:`nnssl.evaluation.evaluate.evaluate_folders` reports per case.
+with KT-CPS alone; docs/methods/guidednet.md). Dice alone does not say which way a row errs; this ratio does.
+Computed from the ``n_pred_voxels`` / ``n_ref_voxels`` that :func:`nnssl.evaluation.evaluate.evaluate_folders`
+reports per case.
 """
 
 from __future__ import annotations
