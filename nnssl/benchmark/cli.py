@@ -782,7 +782,7 @@ def write_outputs(results: list[RunResult], out: Path) -> list[dict]:
         "unlabeled cases (never used in training).\n\n" + diagnostics + "\n" if diagnostics else "") + (
         "\n\n## Predicted / true volume on the test set (equal iterations)\n\nPer class, the predicted voxels over "
         "the reference voxels summed over the test cases (1 = unbiased, above 1 = the row over-segments); mean over "
-        "seeds (each seed's value in brackets).\n\n" + volume + "\n" if volume else ""))
+        "seeds (each seed's value in parentheses).\n\n" + volume + "\n" if volume else ""))
     bar_plot(rows, out / "benchmark.png")
     gap_plot(rows, out / "benchmark_gap.png")
     return rows
