@@ -385,49 +385,68 @@ def subsample_voxels(
 
 
 class _GMMParams(NamedTuple):
-    means: Tensor  # (M, C)
-    variances: Tensor  # (M, C)
-    weights: Tensor  # (M,)
+    means: Tensor  # (K, M, C)
+    variances: Tensor  # (K, M, C)
+    weights: Tensor  # (K, M)
 
 
-_VOXEL_CHUNK = 65536  # voxels per chunk in the GMM density: bounds the (chunk, M, C) transient
+_TRANSIENT_ELEMENTS = 2 ** 22  # bounds the (K, chunk, C) transient of the GMM density (16 MiB in float32)
 
 
 def _component_log_density(x: Tensor, means: Tensor, variances: Tensor) -> Tensor:
-    """``log N(x | mean_m, diag(var_m))`` for x (V, C) -> (V, M)."""
-    c = x.shape[1]
-    const = variances.log().sum(-1) + c * math.log(2 * math.pi)  # (M,)
-    inv_var = 1.0 / variances
-    out = x.new_empty(x.shape[0], means.shape[0])
-    for start in range(0, x.shape[0], _VOXEL_CHUNK):
-        xc = x[start : start + _VOXEL_CHUNK]
-        # direct (x - mu)^2 form rather than the expanded x^2 - 2 x mu + mu^2 matmul: no cancellation when the
-        # variance floor is small and the features are large
-        diff2 = (xc.unsqueeze(1) - means.unsqueeze(0)).pow(2)  # (chunk, M, C)
-        out[start : start + _VOXEL_CHUNK] = -0.5 * ((diff2 * inv_var).sum(-1) + const)
+    """``log N(x_v | mean_km, diag(var_km))`` for every class k and component m, all classes in one batched product.
+
+    x: (K, V, C) (each class its own voxels, as in the EM fit) or (1, V, C) (the same voxels for every class);
+    means, variances: (K, M, C). Returns (K, M, V): components before voxels, because reductions over M (softmax,
+    log-sum-exp) along a strided axis are many times faster on CPU than along a last axis of length M.
+
+    The quadratic form is expanded, ``(1/var) . x^2 - 2 (mu/var) . x + mu^2 . (1/var)``, so it is two batched
+    matrix products instead of a (V, M, C) broadcast done class by class (what made the FittedGMM trainer's step
+    slow). To keep the expansion from cancelling when features are large relative to the variance floor, x and the
+    means are first centred on each class's mean of its component means, so only the spread within a class enters
+    the squares; the result is clamped at 0 like the exact form.
+    """
+    k, m, c = means.shape
+    center = means.mean(1, keepdim=True)  # (K, 1, C)
+    mu = means - center
+    inv_var = 1.0 / variances  # (K, M, C)
+    lin = -2.0 * mu * inv_var
+    mu_term = (mu.pow(2) * inv_var).sum(-1, keepdim=True)  # (K, M, 1)
+    const = variances.log().sum(-1, keepdim=True) + c * math.log(2 * math.pi)  # (K, M, 1)
+    n_vox = x.shape[1]
+    chunk = max(1, _TRANSIENT_ELEMENTS // (k * max(c, m)))
+    out = x.new_empty(k, m, n_vox)
+    for start in range(0, n_vox, chunk):
+        xc = (x[:, start : start + chunk] - center).transpose(1, 2)  # (K, C, chunk)
+        quad = (inv_var @ xc.pow(2) + lin @ xc + mu_term).clamp_min(0.0)
+        out[:, :, start : start + chunk] = -0.5 * (quad + const)
     return out
 
 
-def _em_steps(x: Tensor, init: _GMMParams, n_steps: int, var_floor: float) -> _GMMParams:
-    """Plain EM for a diagonal GMM on x (V, C), started from ``init``.
+def _em_steps(x: Tensor, valid: Tensor, init: _GMMParams, n_steps: int, var_floor: float) -> _GMMParams:
+    """Plain EM for K independent diagonal GMMs at once, one per class, on x (K, V, C) where ``valid`` (K, V) marks
+    the voxels that belong to the class (the rest is padding and gets no responsibility). Started from ``init``.
 
     A component that receives (almost) no responsibility keeps its previous mean and variance, so component
-    identities stay aligned with the stored state (needed for the momentum blend).
+    identities stay aligned with the stored state (needed for the momentum blend). A class without valid voxels
+    comes out unchanged except for its weights (the caller does not store it).
     """
     means, variances, weights = init
-    n = x.shape[0]
+    mask = valid.to(x.dtype).unsqueeze(1)  # (K, 1, V)
+    n = mask.sum(2).clamp_min(1.0)  # (K, 1)
+    x2 = x.pow(2)
     for _ in range(n_steps):
-        log_r = _component_log_density(x, means, variances) + weights.clamp_min(1e-12).log()
-        resp = torch.softmax(log_r, dim=1)  # (V, M)
-        nk = resp.sum(0)  # (M,)
-        alive = nk > 1e-6
+        log_r = _component_log_density(x, means, variances) + weights.clamp_min(1e-12).log().unsqueeze(-1)
+        resp = torch.softmax(log_r, dim=1) * mask  # (K, M, V)
+        nk = resp.sum(2)  # (K, M)
+        alive = (nk > 1e-6).unsqueeze(-1)
         safe_nk = nk.clamp_min(1e-6).unsqueeze(-1)
-        new_means = resp.t() @ x / safe_nk
-        new_vars = (resp.t() @ x.pow(2)) / safe_nk - new_means.pow(2)
-        means = torch.where(alive.unsqueeze(-1), new_means, means)
-        variances = torch.where(alive.unsqueeze(-1), new_vars, variances).clamp_min(var_floor)
+        new_means = resp @ x / safe_nk  # (K, M, C)
+        new_vars = (resp @ x2) / safe_nk - new_means.pow(2)
+        means = torch.where(alive, new_means, means)
+        variances = torch.where(alive, new_vars, variances).clamp_min(var_floor)
         weights = nk / n
-    return _GMMParams(means, variances, weights / weights.sum().clamp_min(1e-12))
+    return _GMMParams(means, variances, weights / weights.sum(-1, keepdim=True).clamp_min(1e-12))
 
 
 class DiagonalGaussianMixture(nn.Module):
@@ -495,52 +514,72 @@ class DiagonalGaussianMixture(nn.Module):
         A class seen for the first time takes ``theta_EM`` directly. Classes absent from the batch are unchanged.
         Features are detached (the GMM is a statistic, not a trained module).
 
+        All classes are fitted at once (padded to the largest sample, masked) and nothing is read back to the host,
+        so a training step with this fit does not wait for the device.
+
         Returns:
-            (K,) long tensor: the number of voxels used per class in this step.
+            (K,) long tensor on the GMM's device: the number of voxels used per class in this step.
         """
         self._check_features(features)
         if n_em_steps < 1:
             raise ValueError(f"n_em_steps: must be >= 1, got {n_em_steps}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum: must be in [0, 1), got {momentum}")
+        if max_voxels_per_class is not None and max_voxels_per_class < 1:
+            raise ValueError(f"max_voxels_per_class: must be >= 1 or None, got {max_voxels_per_class}")
         n, c = features.shape[:2]
-        lab = _labels_as_nsp(labels, features.shape[2:], n).reshape(-1)
-        used = torch.zeros(self.num_classes, dtype=torch.long)
-        with _float32_region(features.device):
-            x_all = features.detach().float().reshape(n, c, -1).permute(0, 2, 1).reshape(-1, c)  # (N*V, C)
-            dev = self.means.device
-            for k in range(self.num_classes):
-                idx = (lab == k).nonzero(as_tuple=True)[0]
-                if idx.numel() == 0:
-                    continue
-                if max_voxels_per_class is not None and idx.numel() > max_voxels_per_class:
-                    pick = torch.randperm(idx.numel(), generator=generator)[:max_voxels_per_class]
-                    idx = idx[pick.to(idx.device)]
-                x = x_all[idx].to(dev)
-                used[k] = x.shape[0]
-                if bool(self.fitted[k]):
-                    init = _GMMParams(self.means[k], self.variances[k], self.weights[k])
-                else:
-                    init = self._initial_params(x, generator)
-                new = _em_steps(x, init, n_em_steps, self.var_floor)
-                mom = momentum if bool(self.fitted[k]) else 0.0
-                self.means[k] = mom * self.means[k] + (1 - mom) * new.means
-                self.variances[k] = (mom * self.variances[k] + (1 - mom) * new.variances).clamp_min(self.var_floor)
-                w = mom * self.weights[k] + (1 - mom) * new.weights
-                self.weights[k] = w / w.sum()
-                self.fitted[k] = True
+        dev = self.means.device
+        lab = _labels_as_nsp(labels, features.shape[2:], n).reshape(-1).to(dev)
+        with _float32_region(dev):
+            x_all = features.detach().float().reshape(n, c, -1).permute(0, 2, 1).reshape(-1, c).to(dev)  # (N*V, C)
+            x, valid = self._sample_class_voxels(x_all, lab, max_voxels_per_class, generator)
+            used = valid.sum(1)  # (K,)
+            present = used > 0
+            init = self._initial_params(x, valid, generator)
+            fitted = self.fitted.view(-1, 1, 1)
+            start = _GMMParams(torch.where(fitted, self.means, init.means),
+                               torch.where(fitted, self.variances, init.variances),
+                               torch.where(self.fitted.view(-1, 1), self.weights, init.weights))
+            new = _em_steps(x, valid, start, n_em_steps, self.var_floor)
+            # a class seen for the first time takes the EM result as is; a class absent from the batch is unchanged
+            mom = torch.where(self.fitted, momentum, 0.0).view(-1, 1, 1)
+            keep = (~present).view(-1, 1, 1)
+            means = mom * self.means + (1 - mom) * new.means
+            variances = (mom * self.variances + (1 - mom) * new.variances).clamp_min(self.var_floor)
+            w = mom[..., 0] * self.weights + (1 - mom[..., 0]) * new.weights
+            self.means.copy_(torch.where(keep, self.means, means))
+            self.variances.copy_(torch.where(keep, self.variances, variances))
+            self.weights.copy_(torch.where(keep[..., 0], self.weights, w / w.sum(-1, keepdim=True)))
+            self.fitted |= present
         return used
 
-    def _initial_params(self, x: Tensor, generator: torch.Generator | None) -> _GMMParams:
+    def _sample_class_voxels(self, x_all: Tensor, lab: Tensor, max_voxels: int | None,
+                             generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+        """Per class, up to ``max_voxels`` of its voxels in random order, without reading counts back to the host:
+        every voxel gets a random key, keys of other classes are set to -1, and the top keys per class are taken.
+        Returns x (K, S, C) and valid (K, S) (False where a class has fewer than S voxels: padding)."""
+        keys = torch.rand(lab.shape[0], generator=generator,
+                          device=generator.device if generator is not None else lab.device).to(lab.device)
+        classes = torch.arange(self.num_classes, device=lab.device).unsqueeze(1)
+        keys = torch.where(lab.unsqueeze(0) == classes, keys.unsqueeze(0), -1.0)  # (K, N*V)
+        s = lab.shape[0] if max_voxels is None else min(max_voxels, lab.shape[0])
+        top, idx = keys.topk(s, dim=1)
+        return x_all[idx], top >= 0
+
+    def _initial_params(self, x: Tensor, valid: Tensor, generator: torch.Generator | None) -> _GMMParams:
+        """Start of a class never fitted: M of its (randomly ordered) voxels as means (repeated when it has fewer
+        than M), its feature variance for every component (1 for a single voxel), uniform weights."""
         m = self.num_components
-        if x.shape[0] >= m:
-            pick = torch.randperm(x.shape[0], generator=generator)[:m]
-        else:
-            pick = torch.randint(x.shape[0], (m,), generator=generator)
-        means = x[pick.to(x.device)].clone()
-        var = x.var(0, unbiased=False) if x.shape[0] > 1 else torch.ones_like(x[0])
-        variances = var.clamp_min(self.var_floor).unsqueeze(0).expand(m, -1).clone()
-        weights = torch.full((m,), 1.0 / m, device=x.device)
+        count = valid.sum(1, keepdim=True)  # (K, 1)
+        pick = torch.arange(m, device=x.device).unsqueeze(0) % count.clamp_min(1)  # (K, M)
+        means = torch.gather(x, 1, pick.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+        mask = valid.to(x.dtype).unsqueeze(-1)
+        cnt = mask.sum(1).clamp_min(1.0)  # (K, 1)
+        mean = (x * mask).sum(1) / cnt
+        var = ((x - mean.unsqueeze(1)).pow(2) * mask).sum(1) / cnt  # (K, C), biased like x.var(unbiased=False)
+        var = torch.where(count > 1, var, torch.ones_like(var)).clamp_min(self.var_floor)
+        variances = var.unsqueeze(1).expand(-1, m, -1).clone()
+        weights = torch.full((x.shape[0], m), 1.0 / m, device=x.device)
         return _GMMParams(means, variances, weights)
 
     @torch.no_grad()
@@ -550,13 +589,10 @@ class DiagonalGaussianMixture(nn.Module):
         n, c = features.shape[:2]
         spatial = features.shape[2:]
         with _float32_region(features.device):
-            x = features.detach().float().reshape(n, c, -1).permute(0, 2, 1).reshape(-1, c).to(self.means.device)
-            out = torch.full((self.num_classes, x.shape[0]), float("-inf"), device=x.device)
-            log_w = self.weights.clamp_min(1e-12).log()
-            for k in range(self.num_classes):  # per class keeps the transient at (V, M, C)
-                if bool(self.fitted[k]):
-                    dens = _component_log_density(x, self.means[k], self.variances[k].clamp_min(self.var_floor))
-                    out[k] = torch.logsumexp(dens + log_w[k], dim=1)
+            x = features.detach().float().reshape(n, c, -1).permute(0, 2, 1).reshape(1, -1, c).to(self.means.device)
+            dens = _component_log_density(x, self.means, self.variances.clamp_min(self.var_floor))  # (K, M, V)
+            out = torch.logsumexp(dens + self.weights.clamp_min(1e-12).log().unsqueeze(-1), dim=1)  # (K, V)
+            out = torch.where(self.fitted.unsqueeze(1), out, float("-inf"))
         out = out.reshape(self.num_classes, n, -1).permute(1, 0, 2)
         return out.reshape(n, self.num_classes, *spatial).to(features.device)
 
@@ -570,9 +606,9 @@ class DiagonalGaussianMixture(nn.Module):
         Classes never fitted get posterior 0; if no class is fitted yet the posterior is uniform.
         """
         log_lik = self.class_log_likelihood(features)
-        if not bool(self.fitted.any()):
-            return torch.full_like(log_lik, 1.0 / self.num_classes)
-        return torch.softmax(log_lik, dim=1)
+        uniform = torch.full_like(log_lik, 1.0 / self.num_classes)
+        # where, not an if: deciding on the host would wait for the device every step
+        return torch.where(self.fitted.any(), torch.softmax(log_lik, dim=1).nan_to_num(0.0), uniform)
 
 
 def rectify_pseudo_labels(probs: Tensor, posterior: Tensor, lam: float, rule: str = "product") -> Tensor:

@@ -181,6 +181,7 @@ def gmm_rectified_pseudo_labels(logits_u: Tensor, features_u: Tensor, gmm: Diago
     """
     with torch.no_grad():
         probs = torch.softmax(logits_u.detach().float(), dim=1)
-        if gmm.all_classes_fitted:
-            probs = rectify_pseudo_labels(probs, gmm.class_posterior(features_u), strength, rule)
+        rectified = rectify_pseudo_labels(probs, gmm.class_posterior(features_u), strength, rule)
+        # where, not an if on the host: no wait for the device in the training step
+        probs = torch.where(gmm.fitted.all().to(probs.device), rectified, probs)
         return class_argmax(probs), probs

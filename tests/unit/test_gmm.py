@@ -9,6 +9,9 @@ import torch
 
 from nnssl.gmm import (
     DiagonalGaussianMixture,
+    _component_log_density,
+    _em_steps,
+    _GMMParams,
     class_prototypes,
     cross_network_kernel_consistency,
     kernel_responsibility,
@@ -391,3 +394,67 @@ def test_rectify_pseudo_labels():
     assert hard[0, :, 0].tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="lam"):
         rectify_pseudo_labels(probs, post, lam=-1.0)
+
+
+def _direct_log_density(x, means, variances):
+    """Reference: the exact (x - mu)^2 / var form, float64, for one class: x (V, C), means (M, C) -> (M, V)."""
+    x, means, variances = x.double(), means.double(), variances.double()
+    quad = ((x.unsqueeze(0) - means.unsqueeze(1)).pow(2) / variances.unsqueeze(1)).sum(-1)
+    const = variances.log().sum(-1, keepdim=True) + x.shape[1] * math.log(2 * math.pi)
+    return -0.5 * (quad + const)
+
+
+def test_gmm_batched_density_matches_exact_form_for_large_features():
+    # features far from 0 with variances near the floor: the expanded form must not cancel
+    g = torch.Generator().manual_seed(0)
+    means = 50.0 + torch.randn(3, 2, 4, generator=g)
+    variances = 1e-2 + 0.1 * torch.rand(3, 2, 4, generator=g)
+    x = means[1, 0] + 0.3 * torch.randn(200, 4, generator=g)
+    got = _component_log_density(x.unsqueeze(0), means, variances)  # (K, M, V)
+    for k in range(3):
+        ref = _direct_log_density(x, means[k], variances[k])
+        assert torch.allclose(got[k].double(), ref, rtol=1e-5, atol=1e-2), k
+
+
+def test_gmm_batched_em_equals_each_class_fitted_alone():
+    """All classes in one padded, masked EM == EM of each class on its own voxels (the pre-batching algorithm)."""
+    g = torch.Generator().manual_seed(0)
+    k, m, c, s = 3, 2, 3, 40
+    x = torch.randn(k, s, c, generator=g) + torch.arange(k).view(k, 1, 1) * 4.0
+    counts = [40, 17, 1]  # one full class, one padded, one with a single voxel
+    valid = torch.arange(s).unsqueeze(0) < torch.tensor(counts).unsqueeze(1)
+    init = _GMMParams(x[:, :m].clone(), torch.ones(k, m, c), torch.full((k, m), 0.5))
+    got = _em_steps(x, valid, init, n_steps=3, var_floor=1e-3)
+    for j, n in enumerate(counts):
+        means, variances, weights = x[j, :m].double(), torch.ones(m, c).double(), torch.full((m,), 0.5).double()
+        xj = x[j, :n].double()
+        for _ in range(3):
+            resp = torch.softmax(_direct_log_density(xj, means, variances) + weights.log().unsqueeze(1), dim=0)
+            nk = resp.sum(1)
+            alive = (nk > 1e-6).unsqueeze(-1)
+            new_means = resp @ xj / nk.clamp_min(1e-6).unsqueeze(-1)
+            new_vars = resp @ xj.pow(2) / nk.clamp_min(1e-6).unsqueeze(-1) - new_means.pow(2)
+            means = torch.where(alive, new_means, means)
+            variances = torch.where(alive, new_vars, variances).clamp_min(1e-3)
+            weights = nk / n
+        weights = weights / weights.sum()
+        assert torch.allclose(got.means[j].double(), means, atol=1e-4), j
+        assert torch.allclose(got.variances[j].double(), variances, atol=1e-4), j
+        assert torch.allclose(got.weights[j].double(), weights, atol=1e-5), j
+
+
+def test_gmm_fit_caps_voxels_and_starts_small_classes():
+    features, labels = _cluster_data()
+    labels = labels.clone()
+    labels[0, :2] = 3  # a class with only 2 voxels, fewer than the 3 components
+    gmm = DiagonalGaussianMixture(num_classes=4, num_features=2, num_components=3)
+    used = gmm.fit_step(features, labels, max_voxels_per_class=100, generator=torch.Generator().manual_seed(0))
+    assert used.tolist() == [100, 100, 100, 2]
+    assert gmm.all_classes_fitted
+    # the two-voxel class: its components start on, and EM keeps them among, its own voxels (convex combinations)
+    own = features[0, :, :2].t()  # (2 voxels, C)
+    lo, hi = own.min(0).values - 1e-4, own.max(0).values + 1e-4
+    assert ((gmm.means[3] >= lo) & (gmm.means[3] <= hi)).all()
+    assert torch.isfinite(gmm.variances).all() and (gmm.variances >= gmm.var_floor).all()
+    with pytest.raises(ValueError, match="max_voxels_per_class"):
+        gmm.fit_step(features, labels, max_voxels_per_class=0)
