@@ -199,8 +199,53 @@ def summarize(results: list[SpeedResult], kind_seconds: dict[tuple[int, bool], f
     return rows
 
 
+RANGED = ("seconds_per_iteration", "ratio_to_nnUNetTrainer", "ssl_tax", "ssl_tax_over_nnUNetTrainer")
+
+
+def combine_repeats(rounds: list[list[dict]]) -> list[dict]:
+    """One table from ``--repeats`` rounds (each a :func:`summarize` of every trainer, in the same order).
+
+    Every numeric column is the median over the rounds of that round's value, so ratios and taxes are paired within
+    a round (a trainer and nnU-Net's own row, or a trainer and its floor, measured minutes apart) before the median
+    is taken: drift between rounds (another job, the CPU clock) cancels in the pair. The main columns also get their
+    range over the rounds (``*_range``: ``[min, max]``), the run-to-run noise a reader needs to judge a difference.
+    A trainer that failed in any round is reported as failed, with that round's error.
+    """
+    if len(rounds) == 1:
+        return rounds[0]
+    combined = []
+    for per_round in zip(*rounds):
+        row = dict(per_round[0])
+        failed = next((r for r in per_round if r["error"]), None)
+        if failed is not None:  # same columns as a measured row, so the csv has one header
+            combined.append({**row, "error": failed["error"], **{f"{k}_range": None for k in RANGED},
+                             "repeats": len(rounds)})
+            continue
+        for key, value in list(row.items()):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                values = sorted(r[key] for r in per_round if _finite(r[key]))
+                row[key] = _median(values) if values else float("nan")
+                if key in RANGED:
+                    row[f"{key}_range"] = [values[0], values[-1]] if values else None
+        row["repeats"] = len(rounds)
+        combined.append(row)
+    return combined
+
+
+def _median(values: list[float]) -> float:
+    n = len(values)
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
+
+
 def _fmt(x, spec: str) -> str:
     return format(x, spec) if _finite(x) else "-"
+
+
+def _ranged(row: dict, key: str, spec: str) -> str:
+    """``value`` or, after ``--repeats``, ``value (min–max)``."""
+    span = row.get(f"{key}_range")
+    text = _fmt(row[key], spec)
+    return f"{text} ({_fmt(span[0], spec)}–{_fmt(span[1], spec)})" if span and _finite(row[key]) else text
 
 
 COLUMNS = ("trainer | s/iter (median) | ratio to nnUNetTrainer | floor s/iter | SSL tax | tax / nnUNetTrainer's | "
@@ -217,9 +262,10 @@ def markdown_table(rows: list[dict]) -> str:
             continue
         counted = r["passes_counted"] + ("" if r["passes_agree"] else " (differs)")
         device = r["device"] + (" compiled" if r["compiled"] else "")
-        lines.append(f"| {r['trainer']} | {_fmt(r['seconds_per_iteration'], '.4f')} | "
-                     f"{_fmt(r['ratio_to_nnUNetTrainer'], '.2f')} | {_fmt(r['floor_seconds_per_iteration'], '.4f')} | "
-                     f"{_fmt(r['ssl_tax'], '.2f')} | {_fmt(r['ssl_tax_over_nnUNetTrainer'], '.2f')} | "
+        lines.append(f"| {r['trainer']} | {_ranged(r, 'seconds_per_iteration', '.4f')} | "
+                     f"{_ranged(r, 'ratio_to_nnUNetTrainer', '.2f')} | "
+                     f"{_fmt(r['floor_seconds_per_iteration'], '.4f')} | "
+                     f"{_ranged(r, 'ssl_tax', '.2f')} | {_ranged(r, 'ssl_tax_over_nnUNetTrainer', '.2f')} | "
                      f"{_fmt(r['flops_over_floor'], '.2f')} | "
                      f"{_fmt(r['data_wait_fraction'], '.1%')} | "
                      f"{_fmt(r['peak_memory_mb'], '.0f')} {r['memory_kind']} | {r['passes_declared']} | {counted} | "
@@ -229,6 +275,8 @@ def markdown_table(rows: list[dict]) -> str:
 
 EXPLANATION = """\
 - s/iter: median wall seconds of one training iteration (waiting for the batch + `train_step`), after the warm-up.
+  With `--repeats R`: every trainer and the floor measured R times in interleaved rounds; each column is the median
+  over the rounds of the round's value (ratios and taxes paired within a round), range over the rounds in parentheses.
 - ratio: s/iter over nnU-Net's own `nnUNetTrainer` on the same plans.
 - floor: the network passes the method needs (its `network_passes`), each timed as nnU-Net's network forward
   (+ backward) on as many patches, same autocast and compile; no loss, no optimizer step. SSL tax = s/iter / floor.
@@ -335,10 +383,11 @@ def run_worker(args: list[str], env: dict[str, str], log: Path, timeout: float) 
 
 
 def measure_trainers(trainers: list[str], base_args: list[str], env: dict[str, str], out: Path, key_of,
-                     timeout: float, deadline: float = float("inf")) -> list[SpeedResult]:
+                     timeout: float, deadline: float = float("inf"), run: int = 0, runs: int = 1) -> list[SpeedResult]:
     """One row per trainer: reused from ``out/rows`` or measured in a worker; none is started after ``deadline``
     (``time.time()``): those rows say so and a rerun computes them."""
     names = {f.name for f in dataclasses.fields(SpeedResult)}
+    log_suffix, label = (f".r{run}" if run else ""), (f" (run {run + 1} of {runs})" if runs > 1 else "")
     results = []
     for trainer in trainers:
         key = key_of(trainer)
@@ -349,21 +398,21 @@ def measure_trainers(trainers: list[str], base_args: list[str], env: dict[str, s
         elif result is None:
             start = time.time()
             record, error = run_worker(["trainer", "--trainer", trainer, *base_args], env,
-                                       out / "logs" / f"{trainer}.log", timeout)
+                                       out / "logs" / f"{trainer}{log_suffix}.log", timeout)
             result = SpeedResult(trainer, **{k: v for k, v in record.items() if k in names and k != "trainer"})
             result.unlabeled_batch = result.unlabeled_batch or 0
             result.error = error
             save_row(out, key, result)
             status = f"error: {error}" if error else f"{result.seconds_per_iteration:.4f} s/iter"
-            print(f"nnssl_speed: {trainer}: {status} ({time.time() - start:.0f} s)", flush=True)
+            print(f"nnssl_speed: {trainer}{label}: {status} ({time.time() - start:.0f} s)", flush=True)
         else:
-            print(f"nnssl_speed: {trainer}: reused {out / 'rows'}", flush=True)
+            print(f"nnssl_speed: {trainer}{label}: reused {out / 'rows'}", flush=True)
         results.append(result)
     return results
 
 
 def measure_floor(results: list[SpeedResult], base_args: list[str], env: dict[str, str], out: Path, key_of,
-                  timeout: float) -> tuple[dict[tuple[int, bool], float], dict[tuple[int, bool], float]]:
+                  timeout: float, run: int = 0) -> tuple[dict[tuple[int, bool], float], dict[tuple[int, bool], float]]:
     """Seconds and FLOPs of every pass kind the rows' floors need: ``(kind_seconds, kind_flops)``."""
     kinds = set().union(*[pass_kinds(r.declared_passes) for r in results if r.error is None])
     seconds, flops, missing = {}, {}, []
@@ -377,7 +426,7 @@ def measure_floor(results: list[SpeedResult], base_args: list[str], env: dict[st
             missing.append((rows, backward))
     if missing:
         record, error = run_worker(["floor", *base_args, "--kinds", *[f"{r}:{int(b)}" for r, b in missing]], env,
-                                   out / "logs" / "floor.log", timeout)
+                                   out / "logs" / (f"floor.r{run}.log" if run else "floor.log"), timeout)
         if error:
             print(f"nnssl_speed: floor: error: {error}", flush=True)
         for rows, backward in missing:
@@ -405,6 +454,10 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"default: {REFERENCE} and every nnssl trainer of nnssl_benchmark")
     parser.add_argument("--iterations", type=int, default=20, help="timed iterations per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every trainer and the floor this many times, in interleaved rounds (one "
+                             "process each), and report medians with their range: on a shared or noisy machine one "
+                             "run's ratios move by ~10 %%")
     parser.add_argument("-device", default=None, choices=("cuda", "cpu"), help="default: cuda if available")
     parser.add_argument("-o", "--output", default="nnssl_speed", help="output folder")
     parser.add_argument("-f", "--fold", default="0", help="fold (nnU-Net's; default 0)")
@@ -416,8 +469,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per trainer subprocess (then: error row)")
     args = parser.parse_args(argv)
     began = time.time()
-    if args.iterations < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        parser.error("--iterations and --threads must be >= 1 and --warmup >= 0")
+    if (args.iterations < 1 or args.repeats < 1 or args.warmup < 0
+            or (args.threads is not None and args.threads < 1)):
+        parser.error("--iterations, --repeats and --threads must be >= 1 and --warmup >= 0")
     if args.d is not None and args.c is None:
         parser.error("-c is required with -d")
 
@@ -461,24 +515,38 @@ def main(argv: list[str] | None = None) -> None:
                "n_proc_DA": env.get("nnUNet_n_proc_DA", "default"), "compile": env.get("nnUNet_compile", "default"),
                "threads": args.threads if device == "cpu" else None}
 
-    def key_of(trainer: str) -> dict:
-        return row_key(int(name[7:10]), configuration, args.fold, trainer, 0, env, data, **options)
+    def keys_of(repeat: int):
+        # round 0 keeps the key of a run without --repeats, so its rows are reused and a table can grow by rounds
+        extra = {"repeat": repeat} if repeat else {}
+        return lambda trainer: row_key(int(name[7:10]), configuration, args.fold, trainer, 0, env, data, **options,
+                                       **extra)
 
     base_args = ["-d", name, "-c", configuration, "-f", args.fold, "-device", device, "--warmup", str(args.warmup),
                  "--iterations", str(args.iterations),
                  *(["--threads", str(args.threads)] if args.threads and device == "cpu" else [])]
     start = time.time()
     deadline = began + args.deadline if args.deadline is not None else float("inf")
-    results = measure_trainers(trainers, base_args, env, out, key_of, args.timeout, deadline)
-    kind_seconds, kind_flops = measure_floor(results, base_args, env, out, key_of, args.timeout)
-    rows = summarize(results, kind_seconds, kind_flops)
+    rounds, floors = [], []
+    for repeat in range(args.repeats):
+        results = measure_trainers(trainers, base_args, env, out, keys_of(repeat), args.timeout, deadline,
+                                   run=repeat, runs=args.repeats)
+        kind_seconds, kind_flops = measure_floor(results, base_args, env, out, keys_of(repeat), args.timeout,
+                                                 run=repeat)
+        rounds.append(summarize(results, kind_seconds, kind_flops))
+        floors.append((kind_seconds, kind_flops))
+    rows = combine_repeats(rounds)
+    kind_seconds = {kind: _median(sorted(f[0][kind] for f in floors if kind in f[0])) for kind in floors[0][0]}
+    kind_flops = floors[0][1]
     settings = {"dataset": name, "configuration": configuration, "fold": args.fold, "device": device,
-                "warmup": args.warmup, "iterations": args.iterations, "nnUNet_n_proc_DA": options["n_proc_DA"],
+                "warmup": args.warmup, "iterations": args.iterations, "repeats": args.repeats,
+                "nnUNet_n_proc_DA": options["n_proc_DA"],
                 "nnUNet_compile": options["compile"], "floor_seconds": {f"{r}:{int(b)}": s for (r, b), s in
                                                                         sorted(kind_seconds.items())},
                 "floor_flops": {f"{r}:{int(b)}": f for (r, b), f in sorted(kind_flops.items())},
                 "description": f"{name} {configuration} fold {args.fold} on {device}: {args.warmup} warm-up + "
                                f"{args.iterations} timed iterations per trainer (median), at epoch num_epochs // 2; "
+                               + (f"{args.repeats} interleaved runs of every trainer and of the floor (median over the "
+                                  "runs, range in parentheses); " if args.repeats > 1 else "") +
                                f"nnUNet_n_proc_DA={options['n_proc_DA']}, nnUNet_compile={options['compile']}"
                                + (f", {args.threads} torch thread(s)" if options["threads"] else "") + "."}
     print(write_outputs(rows, out, settings))

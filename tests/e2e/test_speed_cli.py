@@ -58,6 +58,18 @@ def test_speed_table_of_three_trainers_on_the_synthetic_cpu_preset(tmp_path: Pat
     assert all(f"nnssl_speed: {t}: reused" in again.stdout for t in TRAINERS)
     assert json.loads((out / "speed.json").read_text())["rows"] == table["rows"]
 
+    # --repeats 2: the first round is the rows above (reused), the second is measured; medians with their range
+    twice = run_cli([*cmd, "--repeats", "2"], env, timeout=600)
+    assert all(f"nnssl_speed: {t} (run 1 of 2): reused" in twice.stdout for t in TRAINERS)
+    assert all(f"nnssl_speed: {t} (run 2 of 2): " in twice.stdout
+               and f"nnssl_speed: {t} (run 2 of 2): reused" not in twice.stdout for t in TRAINERS)
+    repeated = json.loads((out / "speed.json").read_text())
+    assert repeated["settings"]["repeats"] == 2
+    for r in repeated["rows"]:
+        low, high = r["ssl_tax_range"]
+        assert r["repeats"] == 2 and low <= r["ssl_tax"] <= high and r["error"] is None
+    assert "2 interleaved runs" in (out / "speed.md").read_text()
+
 
 def test_speed_bad_input_is_one_line(tmp_path: Path):
     env = nnunet_env(tmp_path)

@@ -253,3 +253,28 @@ def test_counted_flops_are_additive_over_batch_rows_and_count_the_backward():
     both = counted_flops(lambda: net(torch.randn(2, 1, 16, 16)).sum().backward())
     assert forward[2] > 0 and forward[4] == 2 * forward[2]
     assert 2 * forward[2] < both <= 3 * forward[2]  # weight gradients of both layers, the input gradient of the 2nd
+
+
+def test_repeats_report_medians_of_paired_rounds_with_their_range_and_a_failure_of_any_round():
+    from nnssl.benchmark.speed import combine_repeats
+
+    kinds = {(2, True): 0.5, (4, True): 1.0, (2, False): 0.25}
+    # three rounds; the machine is 2x slower in the second: the trainers' ratio to nnU-Net stays 2.5 in every round
+    rounds = [summarize([result(REFERENCE, 0.6 * slow, SUPERVISED_PASSES),
+                         result("nnUNetTrainerMeanTeacher", 1.5 * slow * jitter, MT),
+                         SpeedResult("nnUNetTrainerFlaky", error="boom") if flaky else result("nnUNetTrainerFlaky", 1.0,
+                                                                                             MT)],
+                        {k: v * slow for k, v in kinds.items()})
+              for slow, jitter, flaky in ((1.0, 1.0, False), (2.0, 1.1, True), (1.0, 0.9, False))]
+    ref, mt, flaky = combine_repeats(rounds)
+    assert mt["seconds_per_iteration"] == pytest.approx(1.5)  # median of 1.5, 3.3, 1.35
+    assert mt["seconds_per_iteration_range"] == pytest.approx([1.35, 3.3])
+    assert mt["ratio_to_nnUNetTrainer"] == pytest.approx(2.5)  # paired within each round: 2.5, 2.75, 2.25
+    assert mt["ratio_to_nnUNetTrainer_range"] == pytest.approx([2.25, 2.75])
+    assert mt["ssl_tax_over_nnUNetTrainer"] == pytest.approx(1.0) and mt["repeats"] == 3
+    assert ref["ratio_to_nnUNetTrainer_range"] == [1.0, 1.0]
+    assert flaky["error"] == "boom" and flaky["ssl_tax_range"] is None
+    table = markdown_table([ref, mt, flaky])
+    assert "| 2.50 (2.25–2.75) |" in table and "| 1.5000 (1.3500–3.3000) |" in table
+    assert len({line.count("|") for line in table.splitlines()}) == 1
+    assert combine_repeats(rounds[:1]) == rounds[0]  # one run: the table as before, no range columns
