@@ -99,3 +99,10 @@ class nnUNetTrainerWeakStrongMT_noThreshold(nnUNetTrainerWeakStrongMT):
 
 class nnUNetTrainerWeakStrongMT_noClassBalance(nnUNetTrainerWeakStrongMT):
     class_balance = False
+
+
+class nnUNetTrainerWeakStrongMT_unlabeledBatch2x(nnUNetTrainerWeakStrongMT):
+    """Twice as many unlabeled as labeled patches per step (e.g. 2 + 4): issue #16's "unlabeled batch" suspect, the
+    papers' 2 + 2 to 4 + 4 and FixMatch's larger unlabeled share (mu = 7 on images)."""
+
+    unlabeled_batch_factor = 2

@@ -70,6 +70,9 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
 
     labeled_batch_size: int | None = None
     unlabeled_batch_size: int | None = None
+    # without an explicit unlabeled batch size: unlabeled patches per step = this many times the labeled ones
+    # (FixMatch's mu; the semi-supervised segmentation codes use 1, i.e. 2 + 2 or 4 + 4)
+    unlabeled_batch_factor: int = 1
     # λ, the maximum weight of the unsupervised term (the paper's value); the ramp is weight_schedule()
     unsupervised_weight: float = 0.1
     # full nnU-Net schedules reach the papers' absolute ramp length (30 000 iterations: SSL4MIS iter//150 with
@@ -140,7 +143,10 @@ class nnUNetTrainerSSLBase(ScheduleFromEnvironment, nnUNetTrainer):
         if labeled is not None:
             self.batch_size = max(1, round(labeled / world))
         unlabeled = env_int(ENV_UNLABELED_BS) or self.unlabeled_batch_size
-        self.unlabeled_batch_size_per_rank = max(1, round(unlabeled / world)) if unlabeled else self.batch_size
+        if int(self.unlabeled_batch_factor) != self.unlabeled_batch_factor or self.unlabeled_batch_factor < 1:
+            raise ValueError(f"unlabeled_batch_factor: must be a positive integer, got {self.unlabeled_batch_factor!r}")
+        self.unlabeled_batch_size_per_rank = (max(1, round(unlabeled / world)) if unlabeled
+                                              else self.batch_size * int(self.unlabeled_batch_factor))
         self.print_to_log_file(f"batch per rank: {self.batch_size} labeled + {self.unlabeled_batch_size_per_rank} "
                                f"unlabeled; fraction_above_threshold counts pseudo-label confidence >= "
                                f"{self.confidence_threshold}")

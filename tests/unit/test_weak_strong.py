@@ -59,12 +59,16 @@ def _trainer(cls_name, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["nnUNetTrainerWeakStrongMT", "nnUNetTrainerWeakStrongMT_noTeacher",
                                   "nnUNetTrainerWeakStrongMT_noStrongIntensity", "nnUNetTrainerWeakStrongMT_noCutMix",
-                                  "nnUNetTrainerWeakStrongMT_noThreshold", "nnUNetTrainerWeakStrongMT_noClassBalance"])
+                                  "nnUNetTrainerWeakStrongMT_noThreshold", "nnUNetTrainerWeakStrongMT_noClassBalance",
+                                  "nnUNetTrainerWeakStrongMT_unlabeledBatch2x"])
 def test_each_variant_steps_with_one_host_sync_and_the_common_keys(name, tmp_path, monkeypatch):
     trainer = _trainer(name, tmp_path, monkeypatch)
     trainer.on_train_epoch_start()
+    n_unlabeled = trainer.unlabeled_batch_size_per_rank
+    assert n_unlabeled == trainer.batch_size * (2 if name.endswith("unlabeledBatch2x") else 1)
     for step in range(2):
-        batch = tiny.tiny_batch(torch.Generator().manual_seed(step))
+        batch = tiny.tiny_batch(torch.Generator().manual_seed(step), n_labeled=trainer.batch_size,
+                                n_unlabeled=n_unlabeled)
         with pytest.MonkeyPatch.context() as patch:
             counter = HostSyncCounter(patch)
             out = trainer.train_step(batch)
@@ -90,3 +94,15 @@ def test_teacher_follows_the_student_and_class_weights_survive_a_checkpoint(tmp_
     assert not torch.equal(trainer.class_weighting.weights, initial)  # one DistDW step on the pseudo-labels
     fresh = reload_from_checkpoint(trainer, tmp_path, monkeypatch)
     assert torch.equal(fresh.class_weighting.weights, trainer.class_weighting.weights)
+
+
+def test_the_unlabeled_batch_factor_yields_to_an_explicit_size_and_must_be_a_positive_integer(tmp_path, monkeypatch):
+    import nnssl_trainers.weak_strong as ws
+
+    monkeypatch.setattr(ws.nnUNetTrainerWeakStrongMT_unlabeledBatch2x, "unlabeled_batch_size", 3)
+    assert _trainer("nnUNetTrainerWeakStrongMT_unlabeledBatch2x", tmp_path / "a", monkeypatch
+                    ).unlabeled_batch_size_per_rank == 3
+    monkeypatch.setattr(ws.nnUNetTrainerWeakStrongMT_unlabeledBatch2x, "unlabeled_batch_size", None)
+    monkeypatch.setattr(ws.nnUNetTrainerWeakStrongMT_unlabeledBatch2x, "unlabeled_batch_factor", 0)
+    with pytest.raises(ValueError, match="unlabeled_batch_factor"):
+        _trainer("nnUNetTrainerWeakStrongMT_unlabeledBatch2x", tmp_path / "b", monkeypatch)
