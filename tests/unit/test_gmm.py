@@ -458,3 +458,20 @@ def test_gmm_fit_caps_voxels_and_starts_small_classes():
     assert torch.isfinite(gmm.variances).all() and (gmm.variances >= gmm.var_floor).all()
     with pytest.raises(ValueError, match="max_voxels_per_class"):
         gmm.fit_step(features, labels, max_voxels_per_class=0)
+
+
+def test_fit_and_rectified_pseudo_labels_never_wait_for_the_device(monkeypatch):
+    """The FittedGMM step's extra work reads nothing back to the host (the trainer's one sync is its logging)."""
+    from test_training_base import HostSyncCounter
+
+    from nnssl.losses.guidednet import gmm_rectified_pseudo_labels
+
+    features, labels = _cluster_data()
+    gmm = DiagonalGaussianMixture(num_classes=3, num_features=2, num_components=2)
+    counter = HostSyncCounter(monkeypatch)
+    for _ in range(2):  # the first fit (initial parameters) and a momentum update
+        gmm.fit_step(features, labels, max_voxels_per_class=100)
+        hard, soft = gmm_rectified_pseudo_labels(torch.randn(2, 3, 600), features, gmm, 1.0)
+    assert counter.calls == 0
+    monkeypatch.undo()
+    assert hard.shape == (2, 600) and torch.allclose(soft.sum(1), torch.ones(2, 600), atol=1e-5)
