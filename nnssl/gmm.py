@@ -535,7 +535,9 @@ class DiagonalGaussianMixture(nn.Module):
             x, valid = self._sample_class_voxels(x_all, lab, max_voxels_per_class, generator)
             used = valid.sum(1)  # (K,)
             present = used > 0
-            init = self._initial_params(x, valid, generator)
+            # the start of a never-fitted class, computed for every class (small: K x M means, K x C variances),
+            # because choosing the classes that need it would read `fitted` back to the host
+            init = self._initial_params(x, valid)
             fitted = self.fitted.view(-1, 1, 1)
             start = _GMMParams(torch.where(fitted, self.means, init.means),
                                torch.where(fitted, self.variances, init.variances),
@@ -566,7 +568,7 @@ class DiagonalGaussianMixture(nn.Module):
         top, idx = keys.topk(s, dim=1)
         return x_all[idx], top >= 0
 
-    def _initial_params(self, x: Tensor, valid: Tensor, generator: torch.Generator | None) -> _GMMParams:
+    def _initial_params(self, x: Tensor, valid: Tensor) -> _GMMParams:
         """Start of a class never fitted: M of its (randomly ordered) voxels as means (repeated when it has fewer
         than M), its feature variance for every component (1 for a single voxel), uniform weights."""
         m = self.num_components

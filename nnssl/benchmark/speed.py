@@ -40,6 +40,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -224,17 +225,12 @@ def combine_repeats(rounds: list[list[dict]]) -> list[dict]:
         for key, value in list(row.items()):
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 values = sorted(r[key] for r in per_round if _finite(r[key]))
-                row[key] = _median(values) if values else float("nan")
+                row[key] = statistics.median(values) if values else float("nan")
                 if key in RANGED:
                     row[f"{key}_range"] = [values[0], values[-1]] if values else None
         row["repeats"] = len(rounds)
         combined.append(row)
     return combined
-
-
-def _median(values: list[float]) -> float:
-    n = len(values)
-    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
 
 
 def _fmt(x, spec: str) -> str:
@@ -535,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         rounds.append(summarize(results, kind_seconds, kind_flops))
         floors.append((kind_seconds, kind_flops))
     rows = combine_repeats(rounds)
-    kind_seconds = {kind: _median(sorted(f[0][kind] for f in floors if kind in f[0])) for kind in floors[0][0]}
+    kind_seconds = {kind: statistics.median(f[0][kind] for f in floors if kind in f[0]) for kind in floors[0][0]}
     kind_flops = floors[0][1]
     settings = {"dataset": name, "configuration": configuration, "fold": args.fold, "device": device,
                 "warmup": args.warmup, "iterations": args.iterations, "repeats": args.repeats,
