@@ -102,7 +102,7 @@ def parse_info_cfg(text: str, source: object) -> dict[str, str]:
 
 def _patient_cases(patient: str, info_ref: FileRef, files: dict[str, FileRef], need_labels: bool) -> list[Case]:
     with info_ref.local_path() as p:
-        info = parse_info_cfg(Path(p).read_text(errors="replace"), info_ref)
+        info = parse_info_cfg(Path(p).read_text(encoding="utf-8", errors="replace"), info_ref)
     cases = []
     for phase in PHASES:
         stem = f"{patient}_frame{int(info[phase]):02d}"

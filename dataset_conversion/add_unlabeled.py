@@ -83,7 +83,7 @@ def _dataset_format(dataset_dir: Path) -> DatasetFormat:
     if not path.is_file():
         raise ConversionError(f"{path}: dataset.json not found")
     try:
-        dj = json.loads(path.read_text())
+        dj = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: invalid JSON ({e})") from e
     missing = [k for k in ("channel_names", "labels") if not isinstance(dj, dict) or k not in dj]

@@ -121,7 +121,7 @@ def _file_roles(catalogue: Catalogue, rules: DatasetRules, options: SplitOptions
         raise ConversionError(f"--split-file {path}: file not found")
     if path.suffix.lower() == ".json":
         try:
-            split = SSLSplit.from_dict(json.loads(path.read_text()), source=str(path))
+            split = SSLSplit.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path))
         except (ValueError, SplitError) as e:
             raise ConversionError(f"--split-file {path}: {e}") from e
         val = split.extra.get("val", [])

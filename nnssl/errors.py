@@ -53,12 +53,21 @@ def _message(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+def _never_fail_on_output_encoding() -> None:
+    """Under an ASCII locale (``LANG=C`` without Python's UTF-8 mode) printing a table with "×" or "–" would raise
+    UnicodeEncodeError after the work is done; write such characters as escapes instead."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure") and (stream.encoding or "").lower().replace("-", "") != "utf8":
+            stream.reconfigure(errors="backslashreplace")
+
+
 def report_user_errors(prog: str) -> Callable[[_F], _F]:
     """Decorator for a console script's ``main``: user errors become ``PROG: error: MESSAGE`` and exit 1."""
 
     def wrap(main: _F) -> _F:
         @functools.wraps(main)
         def wrapper(*args, **kwargs):
+            _never_fail_on_output_encoding()
             try:
                 return main(*args, **kwargs)
             except Exception as error:  # noqa: BLE001 - re-raised unless it is a user error

@@ -14,7 +14,7 @@ def shrink_network(plans_file: str | os.PathLike, base_features: int = 8, max_fe
     Planning and preprocessing do not depend on the width of the network, so this can be applied after
     ``nnssl_plan_and_preprocess``; it makes the synthetic end-to-end runs fast enough for 2 CPU cores.
     """
-    with open(plans_file) as f:
+    with open(plans_file, encoding="utf-8") as f:
         plans = json.load(f)
     for cfg in plans["configurations"].values():
         kwargs = cfg.get("architecture", {}).get("arch_kwargs")

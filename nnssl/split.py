@@ -142,7 +142,7 @@ def load_split(path: str | os.PathLike) -> SSLSplit:
     if not path.is_file():
         raise SplitError(f"{path}: split file not found")
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise SplitError(f"{path}: not valid JSON ({e})") from e
     split = SSLSplit.from_dict(d, source=str(path))
@@ -184,7 +184,7 @@ def validate_split_against_raw(split: SSLSplit, raw_dataset_dir: str | os.PathLi
     ds_json = root / "dataset.json"
     if not ds_json.is_file():
         raise SplitError(f"{ds_json}: dataset.json not found")
-    dj = json.loads(ds_json.read_text())
+    dj = json.loads(ds_json.read_text(encoding="utf-8"))
     channels = len(dj.get("channel_names", dj.get("modality", {"0": None})))
     ending = dj.get("file_ending", ".nii.gz")
     problems: list[str] = []
@@ -218,7 +218,7 @@ def read_list_file(path: str | os.PathLike) -> list[str]:
 
     Published files mix CRLF and LF and may lack a final newline, so every line is stripped.
     """
-    lines = Path(path).read_text().splitlines()
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [s for s in (line.strip() for line in lines) if s]
 
 

@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except (ValueError, FileExistsError) as e:
         raise SystemExit(f"nnssl_make_synthetic: {e}") from e
-    split = json.loads((path / "ssl_split.json").read_text())
+    split = json.loads((path / "ssl_split.json").read_text(encoding="utf-8"))
     print(f"wrote {path} ({len(split['labeled'])} labeled, {len(split['unlabeled'])} unlabeled, "
           f"{len(split['test'])} test)")
 

@@ -323,7 +323,7 @@ def assert_nothing_written(nnunet_raw: Path) -> None:
 def read_json(path: Path) -> dict:
     import json
 
-    return json.loads(path.read_text())
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def assert_consistent_dataset(folder: Path) -> dict:

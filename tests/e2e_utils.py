@@ -60,7 +60,8 @@ def train_interrupt_resume(env: dict[str, str], dataset_id: int, dataset: str, c
     env = {**env, **SMOKE_SCHEDULE, **(extra_env or {})}
     out = fold_dir(env, dataset, trainer, configuration, fold)
     cmd = ["nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", "cpu"]
-    log = open(out.parent.parent / f"{trainer}_{configuration}_first.log", "w") if out.parent.parent.exists() \
+    log_file = out.parent.parent / f"{trainer}_{configuration}_first.log"
+    log = open(log_file, "w", encoding="utf-8") if out.parent.parent.exists() \
         else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     latest = out / "checkpoint_latest.pth"
@@ -86,7 +87,7 @@ def predict(env: dict[str, str], dataset_id: int, configuration: str, trainer: s
 
 
 def ssl_progress(fold: Path) -> dict[str, list]:
-    return json.loads((fold / "ssl_progress.json").read_text())
+    return json.loads((fold / "ssl_progress.json").read_text(encoding="utf-8"))
 
 
 def assert_finite_progress(fold: Path, keys: list[str]) -> None:

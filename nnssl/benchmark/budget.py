@@ -122,7 +122,7 @@ def calibration_key(data: str, configuration: str, fold: str, device: str, env: 
 def load_calibration(path: Path, key: Mapping[str, Any]) -> dict[str, float]:
     """trainer -> seconds per iteration of an earlier calibration with the same key; {} when none or another key."""
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if stored.get("key") != json.loads(json.dumps(dict(key))):

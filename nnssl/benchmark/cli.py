@@ -188,7 +188,7 @@ def check_planned_dataset(dataset_id: int, configuration: str, env: dict[str, st
     if not plans.is_file():
         raise InputError(f"-d {dataset_id}: {plans} not found; run nnssl_plan_and_preprocess -d {dataset_id} "
                          f"-c {configuration} first")
-    if configuration not in json.loads(plans.read_text()).get("configurations", {}):
+    if configuration not in json.loads(plans.read_text(encoding="utf-8")).get("configurations", {}):
         raise InputError(f"-c {configuration}: not a configuration of {plans}")
 
 
@@ -241,7 +241,7 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
           THEN, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(dataset_id), "-c",
           configuration, "-f", fold, "-tr", trainer, "-device", device, "-npp", workers, "-nps", workers, *tta],
          env, log)
-    memory = json.loads(mem_file.read_text())
+    memory = json.loads(mem_file.read_text(encoding="utf-8"))
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     from nnssl.benchmark.curves import read_curve
@@ -282,7 +282,7 @@ def _evaluate(pred: Path, raw: Path, result: RunResult) -> None:
     from nnssl.benchmark.volume_bias import volume_ratios
     from nnssl.evaluation.evaluate import evaluate_folders
 
-    dataset_json = json.loads((raw / "dataset.json").read_text())
+    dataset_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     summary = evaluate_folders(pred, raw / "labelsTs", dataset_json["labels"],
                                file_ending=dataset_json["file_ending"], progress=False)
     result.dice = {n: s["dice"]["mean"] for n, s in summary["per_class"].items()}
@@ -311,7 +311,7 @@ def _pseudo_label_stage(dataset_id: int, configuration: str, fold: str, env: dic
     from nnssl.pseudolabel.dataset import REPORT_JSON
 
     new_raw = Path(env["nnUNet_raw"]) / maybe_convert_to_dataset_name(round_.new_dataset_id)
-    report = json.loads((new_raw / REPORT_JSON).read_text())
+    report = json.loads((new_raw / REPORT_JSON).read_text(encoding="utf-8"))
     # per selected case, the mean over classes of its pseudo-label Dice (None: class absent from both)
     dice = [np.mean(values) for c in report["cases"] if c["selected"]
             if (values := [d for d in c.get("dice_vs_withheld_label", {}).values() if d is not None])]
@@ -427,7 +427,7 @@ def _registered_ids(out: Path) -> set[int]:
     ids: set[int] = set()
     for name in (PSEUDO_LABEL_REGISTRY, FULL_REFERENCE_REGISTRY, *GENERATED_REGISTRIES):
         if (out / name).is_file():
-            ids |= {int(v) for v in json.loads((out / name).read_text()).values()}
+            ids |= {int(v) for v in json.loads((out / name).read_text(encoding="utf-8")).values()}
     return ids
 
 
@@ -439,7 +439,7 @@ def derived_dataset_id(out: Path, registry_name: str, source_id: int, configurat
     from nnssl.io import atomic_write_json
 
     registry_file = out / registry_name
-    registry = json.loads(registry_file.read_text()) if registry_file.is_file() else {}
+    registry = json.loads(registry_file.read_text(encoding="utf-8")) if registry_file.is_file() else {}
     key = f"{env['nnUNet_raw']}|{source_id}|{configuration}|{fold}"
     if requested is not None:
         new_id = requested
@@ -1263,7 +1263,8 @@ def main(argv: list[str] | None = None) -> None:
             run.generated_ids = tuple(derived_dataset_id(out, registry, args.d, args.c, args.f, env, None,
                                                          "a dataset of the generated rows", "--trainers")
                                       for registry in GENERATED_REGISTRIES)
-            n_real = len(json.loads((raw_folder(env, args.d) / "ssl_split.json").read_text())["unlabeled"])
+            split_text = (raw_folder(env, args.d) / "ssl_split.json").read_text(encoding="utf-8")
+            n_real = len(json.loads(split_text)["unlabeled"])
             run.generation = generation_settings(args, n_real, 0)
             print(f"nnssl_benchmark: the datasets of the generated rows are {run.generated_ids}")
         if any(is_pseudo_label_row(t) for t in trainers):

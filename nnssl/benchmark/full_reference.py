@@ -58,8 +58,8 @@ def missing_withheld_labels(raw: str | os.PathLike) -> str | None:
         return "no labelsUnlabeled: the fully supervised reference needs the withheld labels"
     if not (raw / SPLIT_FILE_NAME).is_file():
         return f"no {SPLIT_FILE_NAME}: the fully supervised reference needs to know which cases are unlabeled"
-    ending = json.loads((raw / "dataset.json").read_text())["file_ending"]
-    unlabeled = json.loads((raw / SPLIT_FILE_NAME).read_text()).get("unlabeled", [])
+    ending = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))["file_ending"]
+    unlabeled = json.loads((raw / SPLIT_FILE_NAME).read_text(encoding="utf-8")).get("unlabeled", [])
     if not unlabeled:
         return f"{SPLIT_FILE_NAME} lists no unlabeled case: the fully supervised reference would be labeled-only"
     missing = [c for c in unlabeled if not (raw / WITHHELD_FOLDER / f"{c}{ending}").is_file()]
@@ -113,7 +113,8 @@ def build(source_id: int, new_id: int, configuration: str, plans_identifier: str
     reason = missing_withheld_labels(source_root)
     if reason:
         raise SystemExit(f"{source_name}: {reason}")
-    source = RawDataset(source_root, source_name, json.loads((source_root / "dataset.json").read_text()),
+    dataset_json = json.loads((source_root / "dataset.json").read_text(encoding="utf-8"))
+    source = RawDataset(source_root, source_name, dataset_json,
                         load_and_validate(source_root))
     new_name = f"{source_name.split('_', 1)[1]}{FULL_SUFFIX}"
     folder = f"Dataset{new_id:03d}_{new_name}"

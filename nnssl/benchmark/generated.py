@@ -111,7 +111,8 @@ def write_variant_dataset(source: RawDataset, destination: Path, unlabeled: dict
 
 
 def _load(root: Path) -> RawDataset:
-    return RawDataset(root, root.name, json.loads((root / "dataset.json").read_text()), load_and_validate(root))
+    dataset_json = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    return RawDataset(root, root.name, dataset_json, load_and_validate(root))
 
 
 def _plan_like_source(new_id: int, source: RawDataset, configuration: str, plans: str, num_processes: int) -> None:
@@ -147,7 +148,7 @@ def build(source_id: int, both_id: int, only_id: int, configuration: str, settin
                 "settings": settings.to_dict()}
     record_file = raw_root / only_name / RECORD
     if record_file.is_file() and (raw_root / both_name).is_dir():
-        record = json.loads(record_file.read_text())
+        record = json.loads(record_file.read_text(encoding="utf-8"))
         if record.get("identity") == json.loads(json.dumps(identity)):
             return record["made"]
 

@@ -48,7 +48,7 @@ def load_row(out: Path, key: Mapping[str, Any], result_type: type) -> Any | None
     """The stored result of the row ``key``, or None when there is none, it is unreadable, or its key differs."""
     path = row_file(out, key)
     try:
-        stored = json.loads(path.read_text())
+        stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if stored.get("key") != json.loads(json.dumps(dict(key))):  # compared as JSON (tuples become lists)

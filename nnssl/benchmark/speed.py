@@ -328,7 +328,7 @@ def find_dataset(preprocessed: Path, dataset: str) -> str:
 
 
 def check_configuration(plans_file: Path, configuration: str) -> str:
-    configurations = json.loads(plans_file.read_text()).get("configurations", {})
+    configurations = json.loads(plans_file.read_text(encoding="utf-8")).get("configurations", {})
     if configuration not in configurations:
         raise InputError(f"-c {configuration}: not a configuration of {plans_file} "
                          f"(there: {', '.join(sorted(configurations))})")
@@ -371,9 +371,9 @@ def run_worker(args: list[str], env: dict[str, str], log: Path, timeout: float) 
             proc.wait()
             return {}, f"timed out after {timeout:.0f} s (log {log})"
     try:
-        record = json.loads(out.read_text())
+        record = json.loads(out.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        tail = " ".join(log.read_text(errors="replace").splitlines()[-3:])
+        tail = " ".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-3:])
         return {}, f"worker exited {proc.returncode} without a result: {tail[-400:]} (log {log})"
     return record, record.get("error")
 

@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         message = " ".join(str(error).split()) or type(error).__name__
         record = {"error": f"{type(error).__name__}: {message}"[:500], "traceback": "\n".join(lines[-30:])}
         print("\n".join(lines[-30:]), file=sys.stderr)
-    out.write_text(json.dumps(record))
+    out.write_text(json.dumps(record), encoding="utf-8")
     sys.exit(0 if record["error"] is None else 1)
 
 

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         stop.set()
         follower.join()
 
-    rows = json.loads((work / "benchmark.json").read_text())["rows"]
+    rows = json.loads((work / "benchmark.json").read_text(encoding="utf-8"))["rows"]
     seeds = " ".join(map(str, sorted({args.seed, 0, 1, 2})))
     more = f"nnssl_benchmark {' '.join(bench).replace(f'--seeds {args.seed}', f'--seeds {seeds}')}"
     print(f"\nDice (overlap of the predicted and the true structure: 0 = none, 1 = perfect) on the {p.n_test} test "

@@ -87,7 +87,7 @@ def dataset_checks(dataset: str) -> list[tuple[str, str, str]]:
         return checks
     import json
 
-    configurations = json.loads(plans.read_text())["configurations"]
+    configurations = json.loads(plans.read_text(encoding="utf-8"))["configurations"]
     for cfg, conf in configurations.items():
         if "data_identifier" not in conf:
             continue

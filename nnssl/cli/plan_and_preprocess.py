@@ -56,7 +56,7 @@ def _load_dataset_json(raw_dir: Path) -> dict:
     if not path.is_file():
         raise InputError(f"{path}: dataset.json not found")
     try:
-        dj = json.loads(path.read_text())
+        dj = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise InputError(f"{path}: not valid JSON ({e})") from e
     missing = [k for k in ("labels", "file_ending") if k not in dj]
@@ -145,8 +145,8 @@ def preprocess_val_cases(pp_dir: Path, val_files: dict[str, tuple[list[str], str
     included, as nnU-Net's validation needs), and their labels copied into ``gt_segmentations``."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    plans = json.loads((pp_dir / f"{plans_identifier}.json").read_text())
-    dataset_json = json.loads((pp_dir / "dataset.json").read_text())
+    plans = json.loads((pp_dir / f"{plans_identifier}.json").read_text(encoding="utf-8"))
+    dataset_json = json.loads((pp_dir / "dataset.json").read_text(encoding="utf-8"))
     jobs = []
     for configuration in configurations:
         out_dir = pp_dir / PlansManager(plans).get_configuration(configuration).data_identifier
@@ -179,7 +179,7 @@ def write_splits(pp_dir: Path, labeled: list[str], val: list[str]) -> None:
         ours = record.get("splits_final_sha256") == _file_sha256(path)
         if not ours:
             try:
-                folds = json.loads(path.read_text())
+                folds = json.loads(path.read_text(encoding="utf-8"))
                 listed = {i for fold in folds for key in ("train", "val") for i in fold[key]}
             except (ValueError, TypeError, KeyError):
                 listed = None
@@ -258,7 +258,7 @@ def plan_and_preprocess(
     plans_identifier = plan_experiments([dataset_id], planner, gpu_memory_target_in_gb=gpu_memory_target,
                                         overwrite_plans_name=plans_name)
     plans_identifier = plans_identifier or plans_name or "nnUNetPlans"
-    planned = json.loads((pp_dir / f"{plans_identifier}.json").read_text())["configurations"]
+    planned = json.loads((pp_dir / f"{plans_identifier}.json").read_text(encoding="utf-8"))["configurations"]
     skipped = [c for c in configurations if c not in planned]
     if skipped:  # e.g. 3d_fullres for a 2D PNG dataset: nnU-Net plans only '2d' there
         print(f"note: nnU-Net planned no {skipped} for {dataset_name}; preprocessing {sorted(planned)} only")

@@ -71,7 +71,7 @@ def output_folder(pred_dir: Path, output_dir: Path | None, overwrite: bool) -> P
 
 def load_dataset_json(path: Path) -> dict[str, Any]:
     try:
-        content = json.loads(path.read_text())
+        content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read dataset.json {path}: {error}") from error
     for key in ("labels", "file_ending"):

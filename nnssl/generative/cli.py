@@ -61,7 +61,7 @@ def check_model_dir(folder: Path, identity: dict, overwrite: bool) -> None:
 
     record = folder / "model.json"
     if record.is_file():
-        saved = json.loads(record.read_text())
+        saved = json.loads(record.read_text(encoding="utf-8"))
         if saved != identity and not overwrite:
             differ = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
             raise OutputExistsError(f"{folder}: a model trained with other {', '.join(differ)}; pass --overwrite to "

@@ -238,6 +238,6 @@ def fingerprint_source(raw_dir: Path, labeled: dict[str, dict], roles: dict[str,
 def stored_fingerprint_source(pp_dir: Path) -> dict | None:
     path = Path(pp_dir) / FINGERPRINT_SOURCE_FILE
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None

@@ -191,7 +191,7 @@ def signature_digest(signature: dict) -> str:
 
 def _read_signature(folder: Path) -> dict | None:
     try:
-        return json.loads((folder / SOURCE_FILE).read_text())
+        return json.loads((folder / SOURCE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 

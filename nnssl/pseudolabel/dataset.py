@@ -87,7 +87,7 @@ def load_raw_dataset(root: str | os.PathLike) -> RawDataset:
     ds_json = root / "dataset.json"
     if not ds_json.is_file():
         raise FileNotFoundError(f"{ds_json} not found: {root} is not an nnU-Net raw dataset")
-    dataset_json = json.loads(ds_json.read_text())
+    dataset_json = json.loads(ds_json.read_text(encoding="utf-8"))
     if (root / SPLIT_FILE_NAME).is_file():
         split = load_and_validate(root)
     else:
@@ -299,7 +299,7 @@ def preprocess_with_source_plans(new_dataset_id: int, source_dataset: str, plans
     if not source_plans.is_file():
         raise FileNotFoundError(f"{source_plans} not found: the source dataset must be planned with plans "
                                 f"{plans_identifier!r} (the plans its model was trained with, -p)")
-    planned = json.loads(source_plans.read_text())["configurations"]
+    planned = json.loads(source_plans.read_text(encoding="utf-8"))["configurations"]
     unknown = [c for c in configurations if c not in planned]
     if unknown:
         raise ValueError(f"configuration(s) {unknown} are not in {source_plans} (planned: {sorted(planned)})")
@@ -340,7 +340,7 @@ def derive_splits(source_pp: Path, new_pp: Path, added: list[str]) -> bool:
     source_file = source_pp / "splits_final.json"
     if not source_file.is_file():
         return False
-    folds = json.loads(source_file.read_text())
+    folds = json.loads(source_file.read_text(encoding="utf-8"))
     atomic_write_json(new_pp / "splits_final.json", [{"train": sorted(set(f["train"]) | set(added)), "val": f["val"]}
                                              for f in folds])
     return True
@@ -350,9 +350,9 @@ def link_validation_cases(source_pp: Path, new_pp: Path, plans_identifier: str, 
                           val: list[str]) -> None:
     """``val`` cases of the source's ssl_split.json live in imagesVal, which the new raw dataset does not copy: their
     preprocessed files (same plans, so the same preprocessing) and reference labels are linked over instead."""
-    plans = json.loads((source_pp / f"{plans_identifier}.json").read_text())
+    plans = json.loads((source_pp / f"{plans_identifier}.json").read_text(encoding="utf-8"))
     identifier = plans["configurations"][configuration]["data_identifier"]
-    new_plans = json.loads((new_pp / f"{plans_identifier}.json").read_text())
+    new_plans = json.loads((new_pp / f"{plans_identifier}.json").read_text(encoding="utf-8"))
     new_identifier = new_plans["configurations"][configuration]["data_identifier"]
     for sub_src, sub_dst in ((identifier, new_identifier), ("gt_segmentations", "gt_segmentations")):
         for case_id in val:

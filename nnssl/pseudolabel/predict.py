@@ -149,7 +149,7 @@ def confidence_path(cache_dir: Path, case_id: str) -> Path:
 def load_record(cache_dir: Path, case_id: str) -> dict[str, Any] | None:
     """The case's record, or None when it is missing or unreadable (i.e. the case is not done)."""
     try:
-        return json.loads(record_path(cache_dir, case_id).read_text())
+        return json.loads(record_path(cache_dir, case_id).read_text(encoding="utf-8"))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -178,7 +178,7 @@ def prepare_cache(cache_dir: Path, manifest: dict[str, Any], part: Part = Part()
     manifest_file = cache_dir / CACHE_MANIFEST
     if manifest_file.is_file():
         try:
-            old = json.loads(manifest_file.read_text())
+            old = json.loads(manifest_file.read_text(encoding="utf-8"))
         except json.JSONDecodeError:
             old = None
         if old != manifest and not part.is_whole:
@@ -330,7 +330,7 @@ def predict_unlabeled(source: ModelSource, cases: dict[str, list[str]], cache_di
     cache = Path(cache_dir)
     cases = {c: cases[c] for c in part.select(cases)}
     prepare_cache(cache, cache_manifest(source, settings), part)
-    model_dataset_json = json.loads((Path(source.model_folder) / "dataset.json").read_text())
+    model_dataset_json = json.loads((Path(source.model_folder) / "dataset.json").read_text(encoding="utf-8"))
     ending = model_dataset_json["file_ending"]
     todo = {c: [str(f) for f in files] for c, files in cases.items()
             if not is_case_complete(cache, c, ending, settings)}

@@ -26,7 +26,7 @@ class FoldsFromSplitFile:
     def _ssl_val_ids(self) -> set[str]:
         path = os.path.join(self.preprocessed_dataset_folder_base, "ssl_split.json")
         try:
-            val = json.loads(open(path).read()).get("val", [])
+            val = json.loads(open(path, encoding="utf-8").read()).get("val", [])
         except (OSError, ValueError, AttributeError):
             return set()
         return set(val) if isinstance(val, list) else set()

@@ -27,7 +27,7 @@ def _make_raw(root: Path) -> Path:
 
     raw = make_synthetic_dataset(root / "raw", DATASET_ID, "3d", n_labeled=3, n_unlabeled=3, n_test=3, seed=4,
                                  name="BadInput")
-    split = json.loads((raw / "ssl_split.json").read_text())
+    split = json.loads((raw / "ssl_split.json").read_text(encoding="utf-8"))
     val, split["test"] = split["test"][:2], split["test"][2:]
     (raw / "imagesVal").mkdir()
     (raw / "labelsVal").mkdir()
@@ -58,7 +58,7 @@ def _copy(planned: Path, tmp_path: Path, with_preprocessed: bool = True) -> tupl
 
 
 def _split(raw: Path) -> dict:
-    return json.loads((raw / "ssl_split.json").read_text())
+    return json.loads((raw / "ssl_split.json").read_text(encoding="utf-8"))
 
 
 def _truncate(path: Path) -> None:
@@ -374,7 +374,7 @@ def test_unlabeled_preprocessing_in_two_concurrent_parts_equals_one_run(planned,
 def test_changed_split_recomputes_fingerprint_and_rebuilds_unlabeled(planned, tmp_path):
     root, raw, env = _copy(planned, tmp_path)
     pp = root / "preprocessed" / raw.name
-    old_fp = json.loads((pp / "dataset_fingerprint.json").read_text())
+    old_fp = json.loads((pp / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     assert len(old_fp["spacings"]) == 3
     # a reconversion with another seed: one labeled case becomes unlabeled, one unlabeled case becomes test
     split = _split(raw)
@@ -386,7 +386,7 @@ def test_changed_split_recomputes_fingerprint_and_rebuilds_unlabeled(planned, tm
     shutil.move(raw / "imagesUnlabeled" / f"{gone}_0000.nii.gz", raw / "imagesTs" / f"{gone}_0000.nii.gz")
     shutil.move(raw / "labelsUnlabeled" / f"{gone}.nii.gz", raw / "labelsTs" / f"{gone}.nii.gz")
     (raw / "ssl_split.json").write_text(json.dumps(split, indent=2))
-    dj = json.loads((raw / "dataset.json").read_text())
+    dj = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     dj["numTraining"] = len(split["labeled"])
     (raw / "dataset.json").write_text(json.dumps(dj, indent=2))
 
@@ -394,11 +394,11 @@ def test_changed_split_recomputes_fingerprint_and_rebuilds_unlabeled(planned, tm
     out = proc.stdout + proc.stderr
     assert TRACEBACK not in out
     assert "recomputing the fingerprint" in out and "the labeled cases changed" in out
-    new_fp = json.loads((pp / "dataset_fingerprint.json").read_text())
+    new_fp = json.loads((pp / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     assert len(new_fp["spacings"]) == len(split["labeled"]) == 2
     assert new_fp["foreground_intensity_properties_per_channel"] != \
         old_fp["foreground_intensity_properties_per_channel"]
-    source = json.loads((pp / "nnssl_fingerprint_source.json").read_text())
+    source = json.loads((pp / "nnssl_fingerprint_source.json").read_text(encoding="utf-8"))
     assert source["labeled"] == sorted(split["labeled"])
     assert "rebuilding it" in out  # new fingerprint -> new normalisation -> the unlabeled cases are redone
     unl = pp / "nnUNetPlans_3d_fullres_unlabeled"
@@ -408,7 +408,7 @@ def test_changed_split_recomputes_fingerprint_and_rebuilds_unlabeled(planned, tm
     labeled_pp = {p.name[:-5] for p in (pp / "nnUNetPlans_3d_fullres").glob("*.b2nd") if "_seg" not in p.name}
     assert labeled_pp == set(split["labeled"]) | set(split["val"])
     assert not (pp / "gt_segmentations" / f"{moved}.nii.gz").exists()
-    assert json.loads((pp / "splits_final.json").read_text()) == [{"train": sorted(split["labeled"]),
+    assert json.loads((pp / "splits_final.json").read_text(encoding="utf-8")) == [{"train": sorted(split["labeled"]),
                                                                    "val": sorted(split["val"])}]
 
     # unchanged split: the fingerprint is kept, unlabeled cases are reused
@@ -421,9 +421,9 @@ def test_val_cases_preprocessed_after_planning_with_splits(planned):
     raw = next((planned / "raw").iterdir())
     pp = planned / "preprocessed" / raw.name
     split = _split(raw)
-    assert json.loads((pp / "splits_final.json").read_text()) == [{"train": sorted(split["labeled"]),
+    assert json.loads((pp / "splits_final.json").read_text(encoding="utf-8")) == [{"train": sorted(split["labeled"]),
                                                                    "val": sorted(split["val"])}]
-    fingerprint = json.loads((pp / "dataset_fingerprint.json").read_text())
+    fingerprint = json.loads((pp / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     assert len(fingerprint["spacings"]) == len(split["labeled"])  # val cases never enter the fingerprint
     cfg = pp / "nnUNetPlans_3d_fullres"
     for case in split["val"]:
@@ -445,7 +445,7 @@ def test_fold0_trains_on_labeled_and_validates_on_val(planned, tmp_path):
     split = _split(raw)
     assert sorted(p.name for p in (fold / "validation").glob("*.nii.gz")) == \
         sorted(f"{c}.nii.gz" for c in split["val"])
-    log = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
     assert f"This split has {len(split['labeled'])} training and {len(split['val'])} validation cases" in log
 
 
@@ -488,7 +488,7 @@ def test_plan_without_val_and_few_labeled_writes_no_splits(planned, tmp_path):
     (pp / "splits_final.json").write_text(json.dumps(stale))
     write_splits(pp, _split(raw)["labeled"], [])
     assert not (pp / "splits_final.json").exists()
-    assert json.loads((pp / "splits_final.stale.json").read_text()) == stale
+    assert json.loads((pp / "splits_final.stale.json").read_text(encoding="utf-8")) == stale
 
 
 def test_integrity_check_accepts_the_synthetic_dataset(raw_only):
@@ -497,7 +497,7 @@ def test_integrity_check_accepts_the_synthetic_dataset(raw_only):
     from nnssl.preprocessing.integrity import check_labeled_cases
 
     _, raw, _ = raw_only
-    dj = json.loads((raw / "dataset.json").read_text())
+    dj = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
     cases = labeled_cases(raw, dj)
     check_labeled_cases({c: (v["images"], v["label"]) for c, v in cases.items()}, dj)
     assert np.array_equal(sorted(cases), sorted(_split(raw)["labeled"]))

@@ -49,9 +49,9 @@ def test_evaluate_never_replaces_results_in_the_prediction_folder(tmp_path):
     args = [_script("nnssl_evaluate"), str(pred), str(gt), "--dataset-json", str(dataset_json), "--no-progress"]
     ok = run_script(args)
     assert ok.returncode == 0, ok.stderr
-    assert (pred / "summary.json").read_text() == '{"nnU-Net": "its own validation summary"}'
+    assert (pred / "summary.json").read_text(encoding="utf-8") == '{"nnU-Net": "its own validation summary"}'
     written = pred / "nnssl_evaluation" / "summary.json"
-    assert json.loads(written.read_text())["num_cases"] == 2
+    assert json.loads(written.read_text(encoding="utf-8"))["num_cases"] == 2
 
     before = tree_snapshot(tmp_path)
     again = run_script(args)
@@ -124,4 +124,4 @@ def test_demo_refuses_a_work_dir_it_did_not_write(tmp_path):
     (user / "keep.txt").write_text("mine")
     proc = run_script([str(Path(sys.executable).parent / "nnssl_demo"), "--work-dir", str(user), "--overwrite"])
     assert_user_error(proc, str(user), "not a folder nnssl_demo wrote")
-    assert (user / "keep.txt").read_text() == "mine"
+    assert (user / "keep.txt").read_text(encoding="utf-8") == "mine"

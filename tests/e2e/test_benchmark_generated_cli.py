@@ -33,7 +33,7 @@ def test_generated_rows_build_both_datasets_once_and_are_reused(synthetic2d, tmp
         assert row["error"] is None and row["dice"], row
         assert f"({n_unlabeled} cases)" in row["notes"] and "LDM preset tiny" in row["notes"]
 
-    both_id, only_id = (next(iter(json.loads((out / r).read_text()).values()))
+    both_id, only_id = (next(iter(json.loads((out / r).read_text(encoding="utf-8")).values()))
                         for r in ("generated_both_datasets.json", "generated_only_datasets.json"))
     both_raw, only_raw = (next((tmp_path / "raw").glob(f"Dataset{i:03d}_*")) for i in (both_id, only_id))
     both, only = _split(both_raw), _split(only_raw)
@@ -45,9 +45,9 @@ def test_generated_rows_build_both_datasets_once_and_are_reused(synthetic2d, tmp
     assert not (only_raw / "labelsUnlabeled").exists()  # no generated image has a label
     assert sorted(p.name for p in (both_raw / "labelsTr").iterdir()) == sorted(
         p.name for p in (synthetic2d.raw / "labelsTr").iterdir())  # withheld labels never become training labels
-    source_plans = json.loads((synthetic2d.preprocessed / "nnUNetPlans.json").read_text())
+    source_plans = json.loads((synthetic2d.preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
     for raw in (both_raw, only_raw):
-        plans = json.loads((tmp_path / "preprocessed" / raw.name / "nnUNetPlans.json").read_text())
+        plans = json.loads((tmp_path / "preprocessed" / raw.name / "nnUNetPlans.json").read_text(encoding="utf-8"))
         assert plans["configurations"] == source_plans["configurations"]  # the source's network, patch, spacing
     assert len(list((tmp_path / "results" / both_raw.name / "nnssl_generative").iterdir())) == 1  # one LDM
 

@@ -18,7 +18,7 @@ TRAINER = "nnUNetTrainerDHC"
 def _fold0_training_histogram(preprocessed, num_classes: int) -> list[int]:
     from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 
-    train_keys = json.loads((preprocessed / "splits_final.json").read_text())[0]["train"]
+    train_keys = json.loads((preprocessed / "splits_final.json").read_text(encoding="utf-8"))[0]["train"]
     dataset = nnUNetDatasetBlosc2(str(preprocessed / "nnUNetPlans_3d_fullres"), list(train_keys))
     counts = np.zeros(num_classes, dtype=np.int64)
     for key in train_keys:
@@ -35,7 +35,7 @@ def test_dhc_3d_interrupt_resume_predict(synthetic3d, tmp_path):
                                   "pseudo_label_confidence", "fraction_above_threshold"])
     assert (fold / "progress.png").is_file() and (fold / "ssl_progress.png").is_file()
     assert (fold / "dhc_class_weights.png").read_bytes()[:4] == b"\x89PNG"
-    logged = json.loads((fold / "dhc_class_weights.json").read_text())
+    logged = json.loads((fold / "dhc_class_weights.json").read_text(encoding="utf-8"))
     assert logged["class_names"] == ["background", "liver", "spleen", "kidney", "adrenal"]
     for name in ("diffdw_network_a", "distdw_network_b"):
         series = np.array(logged["weights"][name], dtype=float)

@@ -35,11 +35,11 @@ def test_cli_end_to_end_with_dataset_id(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "liver" in result.stdout and "spleen" in result.stdout and "foreground mean" in result.stdout
     assert "3/3" in result.stderr  # the tqdm progress bar
-    summary = json.loads((pred_dir / "nnssl_evaluation" / "summary.json").read_text())
+    summary = json.loads((pred_dir / "nnssl_evaluation" / "summary.json").read_text(encoding="utf-8"))
     assert summary["num_cases"] == 3 and summary["tolerance_mm"] == 1.0
     assert summary["per_class"]["liver"]["hd95"]["mean"] == pytest.approx(2.0 / 3)
     assert summary["per_class"]["spleen"]["dice"]["mean"] == pytest.approx(2 / 3)
-    assert len((pred_dir / "nnssl_evaluation" / "per_case.csv").read_text().splitlines()) == 1 + 6
+    assert len((pred_dir / "nnssl_evaluation" / "per_case.csv").read_text(encoding="utf-8").splitlines()) == 1 + 6
     # the two worker processes give exactly what the in-process sequential path gives
     sequential = evaluate_folders(pred_dir, gt_dir, LABELS, num_processes=1, progress=False)
     assert [r["case"] for r in summary["per_case"]] == [r["case"] for r in sequential["per_case"]]

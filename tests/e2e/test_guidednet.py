@@ -55,7 +55,7 @@ def test_guidednet_3d_interrupt_resume_predict(synthetic3d, tmp_path):
         "the two networks must be different (kaiming vs xavier init)"
 
     # the KT-CPS start histogram: the 4 labeled TRAINING cases of fold 0 only, read from the preprocessed seg
-    splits = json.loads((ds.preprocessed / "splits_final.json").read_text())
+    splits = json.loads((ds.preprocessed / "splits_final.json").read_text(encoding="utf-8"))
     train_keys = splits[0]["train"]
     assert len(train_keys) == 4 and not set(train_keys) & set(splits[0]["val"])
     expected = np.zeros(5, dtype=np.int64)

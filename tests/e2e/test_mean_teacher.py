@@ -58,7 +58,8 @@ def test_mean_teacher_3d_interrupt_resume_predict_evaluate(synthetic3d, tmp_path
     pred = predict(ds.env, ds.dataset_id, "3d_fullres", TRAINER, ds.raw / "imagesTs", tmp_path / "pred")
     assert sorted(p.name for p in pred.glob("*.nii.gz")) == sorted(p.name for p in (ds.raw / "labelsTs").iterdir())
     proc = run_cli(["nnssl_evaluate", str(pred), str(ds.raw / "labelsTs"), "-d", str(ds.dataset_id)], ds.env)
-    assert "liver" in proc.stdout and json.loads((pred / "nnssl_evaluation" / "summary.json").read_text())["per_case"]
+    summary = json.loads((pred / "nnssl_evaluation" / "summary.json").read_text(encoding="utf-8"))
+    assert "liver" in proc.stdout and summary["per_case"]
 
 
 def test_mean_teacher_learns_above_chance(synthetic3d, tmp_path):
@@ -69,7 +70,7 @@ def test_mean_teacher_learns_above_chance(synthetic3d, tmp_path):
     run_cli(["nnUNetv2_train", str(ds.dataset_id), "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu"], env)
     pred = predict(env, ds.dataset_id, "3d_fullres", TRAINER, ds.raw / "imagesTs", tmp_path / "pred", fold="all")
     run_cli(["nnssl_evaluate", str(pred), str(ds.raw / "labelsTs"), "-d", str(ds.dataset_id)], ds.env)
-    summary = json.loads((pred / "nnssl_evaluation" / "summary.json").read_text())
+    summary = json.loads((pred / "nnssl_evaluation" / "summary.json").read_text(encoding="utf-8"))
     # a random guess with the class frequencies scores about the class's voxel fraction
     liver_fraction = np.mean([np.mean(sitk_array(f) == 1) for f in (ds.raw / "labelsTs").iterdir()])
     liver_dice = summary["per_class"]["liver"]["dice"]["mean"]
@@ -138,9 +139,9 @@ def test_unlabeled_cases_never_carry_labels(synthetic3d):
     assert sorted(p.stem for p in withheld.glob("*.npy")) == sorted(p.stem for p in folder.glob("*.pkl"))
     labeled = {p.name[:-len(".b2nd")] for p in (synthetic3d.preprocessed / "nnUNetPlans_3d_fullres").glob("*.b2nd")
                if not p.name.endswith("_seg.b2nd")}
-    split = json.loads((synthetic3d.raw / "ssl_split.json").read_text())
+    split = json.loads((synthetic3d.raw / "ssl_split.json").read_text(encoding="utf-8"))
     assert labeled == set(split["labeled"])
-    fingerprint = json.loads((synthetic3d.preprocessed / "dataset_fingerprint.json").read_text())
+    fingerprint = json.loads((synthetic3d.preprocessed / "dataset_fingerprint.json").read_text(encoding="utf-8"))
     assert len(fingerprint["spacings"]) == len(split["labeled"])
 
 

@@ -92,7 +92,7 @@ def test_mgcc_2d_with_generated_unlabeled_images_interrupt_resume_predict(synthe
 
     run_cli(["nnssl_add_unlabeled", str(ds.dataset_id), str(tmp_path / "generated"), "--prefix", "gen_",
              "--no-progress"], env)
-    split = json.loads((raw / "ssl_split.json").read_text())
+    split = json.loads((raw / "ssl_split.json").read_text(encoding="utf-8"))
     assert set(generated) <= set(split["unlabeled"]) and not set(generated) & set(split["labeled"])
     proc = run_cli(["nnssl_preprocess_unlabeled", "-d", str(ds.dataset_id), "-c", "2d", "-np", "1"], env)
     assert "8/11 already done" in proc.stdout + proc.stderr  # only the generated cases are preprocessed

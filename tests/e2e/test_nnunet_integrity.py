@@ -68,6 +68,7 @@ def test_nnunet_verify_dataset_integrity_cli(tmp_path):
            "-np", "1"]
     result = subprocess.run(cmd, env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    fingerprint = json.loads((preprocessed / "Dataset504_Synthetic3D" / "dataset_fingerprint.json").read_text())
+    fingerprint_file = preprocessed / "Dataset504_Synthetic3D" / "dataset_fingerprint.json"
+    fingerprint = json.loads(fingerprint_file.read_text(encoding="utf-8"))
     assert len(fingerprint["spacings"]) == 2  # labeled cases only
     assert fingerprint["shapes_after_crop"][0] == [32, 48, 48]

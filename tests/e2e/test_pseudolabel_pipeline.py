@@ -58,7 +58,7 @@ def _hand_stats(cache: Path, case: str) -> tuple[np.ndarray, float]:
 def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_model):
     ds = synthetic3d
     raw_root = ds.raw.parent
-    split = json.loads((ds.raw / "ssl_split.json").read_text())
+    split = json.loads((ds.raw / "ssl_split.json").read_text(encoding="utf-8"))
     unlabeled = sorted(split["unlabeled"])
 
     # --- first run: keep everything (threshold 0), store confidence maps
@@ -66,7 +66,7 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
     assert f"0/{len(unlabeled)} unlabeled cases already predicted" in proc.stdout
     new_dir = next(raw_root.glob(f"Dataset{NEW_ID}_*"))
     assert new_dir.name == f"Dataset{NEW_ID}_{ds.name.split('_', 1)[1]}PL"
-    report = json.loads((new_dir / "pseudolabel_report.json").read_text())
+    report = json.loads((new_dir / "pseudolabel_report.json").read_text(encoding="utf-8"))
     cache = Path(report["cache_dir"])
     assert cache == source_model.parent / "pseudolabels" / f"fold_{FOLD}__checkpoint_final"
     assert report["num_selected"] == len(unlabeled) == report["num_predicted"]
@@ -100,7 +100,7 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
         assert _hand_stats(cache, case)[0].tolist() == hand[case][0].tolist()
 
     # --- the selection and the report: size rule, then the most confident max_cases
-    report = json.loads((new_dir / "pseudolabel_report.json").read_text())
+    report = json.loads((new_dir / "pseudolabel_report.json").read_text(encoding="utf-8"))
     confidence_of = {c["case_id"]: c["selection_confidence"] for c in report["cases"]}
     assert confidence_of == pytest.approx({c: hand[c][1] for c in unlabeled}, abs=2e-3)
     expected = sorted(sorted(passing, key=lambda c: (-confidence_of[c], c))[:max_cases])
@@ -114,7 +114,7 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
     assert all(f"| {c} | yes | pl_{c} |" in table for c in expected)
 
     # --- the new dataset: roles, files, provenance; never a withheld label in labelsTr
-    new_split = json.loads((new_dir / "ssl_split.json").read_text())
+    new_split = json.loads((new_dir / "ssl_split.json").read_text(encoding="utf-8"))
     pl_ids = [f"pl_{c}" for c in expected]
     assert new_split["labeled"] == split["labeled"] + pl_ids and new_split["pseudo_labeled"] == pl_ids
     assert new_split["unlabeled"] == [c for c in split["unlabeled"] if c not in expected]
@@ -129,12 +129,13 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
                                   _read(ds.raw / "labelsUnlabeled" / f"{case}.nii.gz"))
     assert sorted(p.name for p in (new_dir / "labelsUnlabeled").iterdir()) == \
         sorted(f"{c}.nii.gz" for c in new_split["unlabeled"])
-    assert json.loads((new_dir / "dataset.json").read_text())["numTraining"] == len(new_split["labeled"])
+    new_dataset_json = json.loads((new_dir / "dataset.json").read_text(encoding="utf-8"))
+    assert new_dataset_json["numTraining"] == len(new_split["labeled"])
 
     # --- planned with the source's plans, so -pretrained_weights fits
     new_pp = ds.preprocessed.parent / new_dir.name
-    source_plans = json.loads((ds.preprocessed / "nnUNetPlans.json").read_text())
-    new_plans = json.loads((new_pp / "nnUNetPlans.json").read_text())
+    source_plans = json.loads((ds.preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    new_plans = json.loads((new_pp / "nnUNetPlans.json").read_text(encoding="utf-8"))
     assert new_plans["configurations"]["3d_fullres"] == source_plans["configurations"]["3d_fullres"]
     assert new_plans["dataset_name"] == new_dir.name
 
@@ -144,7 +145,7 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
     run_cli(["nnUNetv2_train", str(NEW_ID), "3d_fullres", FOLD, "-tr", FINETUNE_TRAINER, "-device", "cpu",
              "-pretrained_weights", str(source_ckpt)], env)
     fine = fold_dir(env, new_dir.name, FINETUNE_TRAINER, "3d_fullres", FOLD)
-    log = "".join(p.read_text() for p in fine.glob("training_log_*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in fine.glob("training_log_*.txt"))
     assert "segmentation heads" in log and "restored" in log
     before, after = load_checkpoint(source_ckpt)["network_weights"], load_checkpoint(fine / "checkpoint_final.pth")
     assert after["init_args"]["dataset_json"]["name"] == new_dir.name.split("_", 1)[1]
@@ -154,8 +155,8 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
     assert before.keys() == after.keys() and any(".seg_layers." in k for k in after)
     worst = max(float((after[k].float() - before[k].float()).abs().max()) for k in after)
     assert 0 < worst < 2e-4, f"the fine-tuned model must start from the first one (max change {worst})"
-    splits = json.loads((new_pp / "splits_final.json").read_text())
-    source_splits = json.loads((ds.preprocessed / "splits_final.json").read_text())
+    splits = json.loads((new_pp / "splits_final.json").read_text(encoding="utf-8"))
+    source_splits = json.loads((ds.preprocessed / "splits_final.json").read_text(encoding="utf-8"))
     assert splits[int(FOLD)]["val"] == source_splits[int(FOLD)]["val"]  # validated on real labels only
     assert set(pl_ids) <= set(splits[int(FOLD)]["train"])
 
@@ -164,7 +165,7 @@ def test_pseudolabel_select_build_resume_finetune_iterate(synthetic3d, source_mo
                  trainer=FINETUNE_TRAINER)
     round2 = next(raw_root.glob(f"Dataset{ROUND2_ID}_*"))
     assert round2.name.endswith("PL2")
-    split2 = json.loads((round2 / "ssl_split.json").read_text())
+    split2 = json.loads((round2 / "ssl_split.json").read_text(encoding="utf-8"))
     assert split2["unlabeled"] == [] and len(split2["pseudo_label_rounds"]) == 2
     assert split2["pseudo_labeled"] == pl_ids + [f"pl_{c}" for c in new_split["unlabeled"]]
     assert split2["pseudo_label_rounds"][1]["model"]["trainer"] == FINETUNE_TRAINER
@@ -186,11 +187,12 @@ def test_pseudolabel_in_two_concurrent_parts_equals_one_run(synthetic3d, source_
     import subprocess
 
     ds = synthetic3d
-    unlabeled = sorted(json.loads((ds.raw / "ssl_split.json").read_text())["unlabeled"])
+    unlabeled = sorted(json.loads((ds.raw / "ssl_split.json").read_text(encoding="utf-8"))["unlabeled"])
     one_cache, parts_cache = tmp_path / "one", tmp_path / "parts"
     args = ["--min-voxels", "0", "-npp", "0", "-nps", "0"]
     _pseudolabel(ds, PARTS_ID, *args, "--cache-dir", str(one_cache))
-    one_report = json.loads((next(ds.raw.parent.glob(f"Dataset{PARTS_ID}_*")) / "pseudolabel_report.json").read_text())
+    one_report_file = next(ds.raw.parent.glob(f"Dataset{PARTS_ID}_*")) / "pseudolabel_report.json"
+    one_report = json.loads(one_report_file.read_text(encoding="utf-8"))
 
     cmd = ["nnssl_pseudolabel", "-d", str(ds.dataset_id), "-c", "3d_fullres", "-f", FOLD, "-tr", SOURCE_TRAINER,
            "-o", str(PARTS_ID), "-device", "cpu", "--disable-tta", "--no-progress", *args, "--cache-dir",
@@ -211,13 +213,14 @@ def test_pseudolabel_in_two_concurrent_parts_equals_one_run(synthetic3d, source_
     proc = _pseudolabel(ds, PARTS_ID, *args, "--cache-dir", str(parts_cache), "--overwrite")
     assert f"{len(unlabeled)}/{len(unlabeled)} unlabeled cases already predicted" in proc.stdout
     new_dir = next(ds.raw.parent.glob(f"Dataset{PARTS_ID}_*"))
-    report = json.loads((new_dir / "pseudolabel_report.json").read_text())
+    report = json.loads((new_dir / "pseudolabel_report.json").read_text(encoding="utf-8"))
     for key in ("selected", "num_selected", "num_predicted"):
         assert report[key] == one_report[key], key
     assert [c["voxel_counts"] for c in report["cases"]] == [c["voxel_counts"] for c in one_report["cases"]]
 
     manifest = parts_cache / "pseudolabel_cache.json"
-    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "checkpoint_sha256": ["another model"]}))
+    old_manifest = json.loads(manifest.read_text(encoding="utf-8"))
+    manifest.write_text(json.dumps({**old_manifest, "checkpoint_sha256": ["another model"]}))
     refused = run_cli([*cmd, "-part_id", "0"], ds.env, expect_ok=False)
     assert refused.returncode == 1 and "pseudolabel_cache.json" in refused.stderr and "--cache-dir" in refused.stderr
     assert "Traceback" not in refused.stderr

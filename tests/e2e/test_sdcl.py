@@ -27,7 +27,7 @@ def _train_resume_check(ds, configuration: str, extra_env: dict[str, str] | None
     for key in ("sdcl_loss_mse", "sdcl_loss_kl", "pseudo_label_confidence", "fraction_above_threshold"):  # stage 2
         values = np.array(log[key], dtype=float)
         assert np.isnan(values[0]) and np.isfinite(values[1]), (key, values)
-    text = "".join(p.read_text() for p in fold.glob("training_log_*.txt"))
+    text = "".join(p.read_text(encoding="utf-8") for p in fold.glob("training_log_*.txt"))
     assert "SDCL: stage 2 (self-training) from epoch 1" in text
 
     trainer, ckpt = restore_trainer(ds.env, fold)

@@ -19,7 +19,7 @@ def test_speed_table_of_three_trainers_on_the_synthetic_cpu_preset(tmp_path: Pat
     cmd = ["nnssl_speed", "--synthetic", "--trainers", *TRAINERS, "--iterations", "2", "--warmup", "1", "-device",
            "cpu", "--threads", "1", "-o", str(out)]
     first = run_cli(cmd, env, timeout=600)
-    table = json.loads((out / "speed.json").read_text())
+    table = json.loads((out / "speed.json").read_text(encoding="utf-8"))
     rows = {r["trainer"]: r for r in table["rows"]}
     assert list(rows) == TRAINERS
     for name, r in rows.items():
@@ -48,27 +48,27 @@ def test_speed_table_of_three_trainers_on_the_synthetic_cpu_preset(tmp_path: Pat
     assert all(abs(r["flops_over_floor"] - 1.0) < 1e-3 for r in rows.values()), {
         n: r["flops_over_floor"] for n, r in rows.items()}
 
-    md = (out / "speed.md").read_text()
+    md = (out / "speed.md").read_text(encoding="utf-8")
     assert "tax / nnUNetTrainer's" in md and "FLOPs / floor's" in md
     assert md.count("\n| nnUNetTrainer") == 3 and "SSL tax" in md and first.stdout.count("| nnUNetTrainer") == 3
-    with open(out / "speed.csv", newline="") as f:
+    with open(out / "speed.csv", encoding="utf-8", newline="") as f:
         assert [r["trainer"] for r in csv.DictReader(f)] == TRAINERS
 
     again = run_cli(cmd, env, timeout=300)  # every row (and the floor) is reused
     assert all(f"nnssl_speed: {t}: reused" in again.stdout for t in TRAINERS)
-    assert json.loads((out / "speed.json").read_text())["rows"] == table["rows"]
+    assert json.loads((out / "speed.json").read_text(encoding="utf-8"))["rows"] == table["rows"]
 
     # --repeats 2: the first round is the rows above (reused), the second is measured; medians with their range
     twice = run_cli([*cmd, "--repeats", "2"], env, timeout=600)
     assert all(f"nnssl_speed: {t} (run 1 of 2): reused" in twice.stdout for t in TRAINERS)
     assert all(f"nnssl_speed: {t} (run 2 of 2): " in twice.stdout
                and f"nnssl_speed: {t} (run 2 of 2): reused" not in twice.stdout for t in TRAINERS)
-    repeated = json.loads((out / "speed.json").read_text())
+    repeated = json.loads((out / "speed.json").read_text(encoding="utf-8"))
     assert repeated["settings"]["repeats"] == 2
     for r in repeated["rows"]:
         low, high = r["ssl_tax_range"]
         assert r["repeats"] == 2 and low <= r["ssl_tax"] <= high and r["error"] is None
-    assert "2 interleaved runs" in (out / "speed.md").read_text()
+    assert "2 interleaved runs" in (out / "speed.md").read_text(encoding="utf-8")
 
 
 def test_speed_bad_input_is_one_line(tmp_path: Path):

@@ -95,7 +95,7 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
                "cpu", "-o", str(out), "--trainers", "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER,
                "--pl-min-voxels", "0"]
     proc = run_cli(command, env)
-    data = json.loads((out / "benchmark.json").read_text())
+    data = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     trainers = [BASELINE, FULL_REFERENCE, "nnUNetTrainerMeanTeacher", PSEUDO_LABEL_TRAINER]
     assert [r["trainer"] for r in data["rows"]] == trainers
     for run in data["runs"]:
@@ -107,11 +107,11 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
         assert set(run["volume_ratio"]) == set(run["dice"])  # predicted / true volume per class, from the evaluation
         assert all(v >= 0 or v != v for v in run["volume_ratio"].values())  # NaN: class absent from the references
 
-    registry = json.loads((out / PSEUDO_LABEL_REGISTRY).read_text())
+    registry = json.loads((out / PSEUDO_LABEL_REGISTRY).read_text(encoding="utf-8"))
     (new_id,) = registry.values()
     assert 900 <= new_id <= 999 and new_id != ds.dataset_id
     (new_raw,) = (ds.raw.parent).glob(f"Dataset{new_id}_*")
-    report = json.loads((new_raw / REPORT_JSON).read_text())
+    report = json.loads((new_raw / REPORT_JSON).read_text(encoding="utf-8"))
     n_unlabeled = len(list((ds.raw / "imagesUnlabeled").glob("*.nii.gz")))
     assert report["num_selected"] == report["num_predicted"] == n_unlabeled
     assert len(list((new_raw / "labelsTr").glob("pl_*.nii.gz"))) == n_unlabeled
@@ -120,17 +120,18 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     finetuned = (tmp_path / "results" / new_raw.name / f"{PSEUDO_LABEL_TRAINER}__nnUNetPlans__3d_fullres" / "fold_0")
     assert (finetuned / "checkpoint_final.pth").is_file()
     # stage 2 started from the stage-1 model (-pretrained_weights given, heads copied from it)
-    log = "".join(p.read_text() for p in finetuned.glob("training_log_*.txt"))
+    log = "".join(p.read_text(encoding="utf-8") for p in finetuned.glob("training_log_*.txt"))
     assert "segmentation heads" in log and "now equals the source model" in log
 
     # the fully supervised reference: its own dataset (labeled + unlabeled with withheld labels), the source's plans
-    (full_id,) = json.loads((out / FULL_REFERENCE_REGISTRY).read_text()).values()
+    (full_id,) = json.loads((out / FULL_REFERENCE_REGISTRY).read_text(encoding="utf-8")).values()
     assert 900 <= full_id <= 999 and full_id not in (ds.dataset_id, new_id)
     (full_raw,) = (ds.raw.parent).glob(f"Dataset{full_id}_*")
     assert len(list((full_raw / "labelsTr").iterdir())) == len(list((ds.raw / "labelsTr").iterdir())) + n_unlabeled
     full_plans = ds.preprocessed.parent / full_raw.name / "nnUNetPlans.json"
-    source_cfg = json.loads((ds.preprocessed / "nnUNetPlans.json").read_text())["configurations"]["3d_fullres"]
-    full_cfg = json.loads(full_plans.read_text())["configurations"]["3d_fullres"]
+    source_plans = json.loads((ds.preprocessed / "nnUNetPlans.json").read_text(encoding="utf-8"))
+    source_cfg = source_plans["configurations"]["3d_fullres"]
+    full_cfg = json.loads(full_plans.read_text(encoding="utf-8"))["configurations"]["3d_fullres"]
     for key in ("patch_size", "architecture", "normalization_schemes", "spacing"):
         assert full_cfg[key] == source_cfg[key], key
     full_run = data["runs"][1]
@@ -146,7 +147,7 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     volume = diagnostics.split("## Predicted / true volume")[1]
     assert f"| {BASELINE} |" in volume and "| nnUNetTrainerMeanTeacher |" in volume
 
-    with open(out / "benchmark.csv") as f:
+    with open(out / "benchmark.csv", encoding="utf-8") as f:
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == 4 and {"gap_closed", "gap_closed_ci_low", "wilcoxon_p"} <= set(csv_rows[0])
     assert (out / "benchmark.png").stat().st_size > 0 and (out / "benchmark_gap.png").stat().st_size > 0
@@ -162,7 +163,7 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     again = run_cli(command, env)
     assert again.stdout.count("reusing finished row") == 4, again.stdout
     assert checkpoint.stat().st_mtime == mtime
-    rerun = json.loads((out / "benchmark.json").read_text())
+    rerun = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert [r["trainer"] for r in rerun["rows"]] == trainers and json.dumps(rerun["runs"]) == json.dumps(data["runs"])
 
     # --tables-only with one more trainer: the finished rows are shown, the new one is listed as not computed
@@ -171,7 +172,8 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     assert tables.stdout.count("reusing finished row") == 4 and "nnUNetTrainerCPS" in tables.stdout
     assert checkpoint.stat().st_mtime == mtime and len(list((out / "rows").glob("*.json"))) == 4
     assert not (tmp_path / "results" / ds.name / "nnUNetTrainerCPS__nnUNetPlans__3d_fullres").exists()
-    cps = [r for r in json.loads((out / "benchmark.json").read_text())["runs"] if r["trainer"] == "nnUNetTrainerCPS"]
+    runs = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))["runs"]
+    cps = [r for r in runs if r["trainer"] == "nnUNetTrainerCPS"]
     assert len(cps) == 1 and cps[0]["skipped"].startswith("not computed yet") and cps[0]["error"] is None
 
 
@@ -190,13 +192,13 @@ def test_benchmark_smoke_equal_time_budget(synthetic3d, tmp_path):
                "cpu", "-o", str(out), "--budget", "both", "--trainers", BASELINE, mt, "--no-full-reference"]
     proc = run_cli(command, env)
     assert proc.stdout.count("nnssl_benchmark: speed calibration") == 2, proc.stdout
-    data = json.loads((out / "benchmark.json").read_text())
+    data = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
     assert [(r["trainer"], r["budget"]) for r in data["rows"]] == [(BASELINE, "both"), (mt, "iterations"),
                                                                    (mt, "time")]
     runs = {(r["trainer"], r["budget"]): r for r in data["runs"]}
     for run in runs.values():
         assert run["error"] is None, run
-    seconds = json.loads(calibration_file(out, ds.dataset_id, "3d_fullres", 0, "cpu").read_text())
+    seconds = json.loads(calibration_file(out, ds.dataset_id, "3d_fullres", 0, "cpu").read_text(encoding="utf-8"))
     assert set(seconds["seconds_per_iteration"]) == {BASELINE, mt}
     # --smoke: 1 epoch x 2 iterations; Mean Teacher is slower per iteration, so it gets fewer at equal time
     assert runs[(mt, "iterations")]["schedule"] == "1 epochs x 2 iterations"
@@ -204,7 +206,7 @@ def test_benchmark_smoke_equal_time_budget(synthetic3d, tmp_path):
     assert runs[(mt, "time")]["time_scale"] == pytest.approx(0.5)
     assert "equal time: 1 instead of 2 iterations per epoch" in runs[(mt, "time")]["notes"]
     assert (tmp_path / "results" / "equal_time").is_dir()  # its own model; the equal-iteration one stays
-    with open(out / "benchmark.csv") as f:
+    with open(out / "benchmark.csv", encoding="utf-8") as f:
         assert [r["budget"] for r in csv.DictReader(f)] == ["both", "iterations", "time"]
     table = (out / "benchmark.md").read_text(encoding="utf-8")
     assert f"| {mt} @ equal time |" in table and f"| {mt} |" in table

@@ -100,7 +100,7 @@ def test_calibration_is_saved_and_reused(tmp_path, fake_calibration):
     seconds = cli.calibrate(_run(), [MT], tmp_path, "cpu")
     assert seconds == {BASELINE: 0.1, MT: 0.2} and fake_calibration == [(BASELINE, 0), (MT, 0)]
     path = calibration_file(tmp_path, 960, "3d_fullres", 0, "cpu")
-    assert json.loads(path.read_text())["seconds_per_iteration"] == seconds
+    assert json.loads(path.read_text(encoding="utf-8"))["seconds_per_iteration"] == seconds
     assert cli.calibrate(_run(), [MT], tmp_path, "cpu") == seconds and len(fake_calibration) == 2  # reused
     cli.calibrate(_run(), [MT, CPS], tmp_path, "cpu")
     assert fake_calibration[2:] == [(CPS, 0)]  # only the trainer it lacked
@@ -167,14 +167,14 @@ def test_both_budgets_scale_the_ssl_rows_reuse_everything_on_rerun(tmp_path, mon
     assert "equal time: 11 instead of 40 iterations per epoch" in timed[CPS].notes
     assert timed[PSEUDO_LABEL_TRAINER].skipped and "stage 1" in timed[PSEUDO_LABEL_TRAINER].skipped
 
-    rows = json.loads((tmp_path / "benchmark.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "benchmark.json").read_text(encoding="utf-8"))["rows"]
     labels = [(r["trainer"], r["budget"]) for r in rows]
     assert labels == [(BASELINE, "both"), (FULL_REFERENCE, "both"), (MT, "iterations"), (CPS, "iterations"),
                       (PSEUDO_LABEL_TRAINER, "iterations"), (MT, "time"), (CPS, "time"), (PSEUDO_LABEL_TRAINER, "time")]
     gaps = {(r["trainer"], r["budget"]): r.get("gap_closed") for r in rows}
     assert gaps[(MT, "iterations")] == pytest.approx(0.5) and gaps[(MT, "time")] == pytest.approx(0.2)
     assert rows[5]["time_scale"] == pytest.approx(0.5) and rows[5]["schedule"] == "5 epochs x 20 iterations"
-    with open(tmp_path / "benchmark.csv") as f:
+    with open(tmp_path / "benchmark.csv", encoding="utf-8") as f:
         assert [r["budget"] for r in csv.DictReader(f)][-3:] == ["time"] * 3
     table = (tmp_path / "benchmark.md").read_text(encoding="utf-8")
     assert f"| {MT} @ equal time |" in table and f"| {PSEUDO_LABEL_TRAINER} @ equal time | skipped: not run" in table

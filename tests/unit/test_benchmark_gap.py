@@ -189,7 +189,8 @@ def test_rerun_reuses_finished_rows_and_recomputes_under_another_schedule(tmp_pa
     assert capsys.readouterr().out.count("reusing finished row") == 2 and len(results) == 3
     run("6")  # another schedule: nothing is reused
     assert calls[4:] == [(t, "6") for t in trainers]
-    assert json.loads((tmp_path / "benchmark.json").read_text())["rows"][2]["gap_closed"] == pytest.approx(1 / 3)
+    rows = json.loads((tmp_path / "benchmark.json").read_text(encoding="utf-8"))["rows"]
+    assert rows[2]["gap_closed"] == pytest.approx(1 / 3)
 
 
 # ---- the fully labeled dataset -------------------------------------------------------------------------------------
@@ -208,7 +209,7 @@ def test_full_label_dataset_holds_every_withheld_label_and_leaves_the_source_alo
 
     assert missing_withheld_labels(tiny_raw) is None
     before = sorted(p.name for p in tiny_raw.rglob("*"))
-    source = RawDataset(tiny_raw, tiny_raw.name, json.loads((tiny_raw / "dataset.json").read_text()),
+    source = RawDataset(tiny_raw, tiny_raw.name, json.loads((tiny_raw / "dataset.json").read_text(encoding="utf-8")),
                         load_and_validate(tiny_raw))
     dest = tmp_path / "raw" / "Dataset964_XFull"
     split = write_full_label_dataset(source, dest)
@@ -219,7 +220,7 @@ def test_full_label_dataset_holds_every_withheld_label_and_leaves_the_source_alo
         assert (dest / "labelsTr" / f"{case}{ending}").read_bytes() == \
             (tiny_raw / "labelsUnlabeled" / f"{case}{ending}").read_bytes()
     assert not (dest / "labelsUnlabeled").exists() and load_split(dest / "ssl_split.json").labeled == split.labeled
-    assert json.loads((dest / "dataset.json").read_text())["numTraining"] == 5
+    assert json.loads((dest / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 5
     assert sorted(p.name for p in tiny_raw.rglob("*")) == before
     write_full_label_dataset(source, dest)  # a rerun replaces its own dataset
 
@@ -247,7 +248,7 @@ def test_numbered_fold_keeps_its_validation_cases(tmp_path):
     (src / "splits_final.json").write_text(json.dumps([{"train": ["a", "b"], "val": ["c"]},
                                                        {"train": ["a", "c"], "val": ["b"]}]))
     assert derive_splits(src, new, ["u1", "u2"]) is True
-    assert json.loads((new / "splits_final.json").read_text()) == [
+    assert json.loads((new / "splits_final.json").read_text(encoding="utf-8")) == [
         {"train": ["a", "b", "u1", "u2"], "val": ["c"]}, {"train": ["a", "c", "u1", "u2"], "val": ["b"]}]
 
 
@@ -277,7 +278,8 @@ def test_full_label_dataset_of_a_multichannel_mri_dataset(tmp_path):
                                                   "labels": {"background": 0, "prostate": 1}, "numTraining": 2,
                                                   "file_ending": ".nii.gz"}))
     save_split(SSLSplit(**roles), raw / "ssl_split.json")
-    source = RawDataset(raw, raw.name, json.loads((raw / "dataset.json").read_text()), load_and_validate(raw))
+    dataset_json = json.loads((raw / "dataset.json").read_text(encoding="utf-8"))
+    source = RawDataset(raw, raw.name, dataset_json, load_and_validate(raw))
     dest = tmp_path / "Dataset124_ProstateFull"
     split = write_full_label_dataset(source, dest)
     assert sorted(split.labeled) == ["p0", "p1", "p2", "p3"]

@@ -259,7 +259,7 @@ def test_export_turns_a_cps_run_into_an_ensemble_model_folder(tmp_path):
     written = export_cps_ensemble(fold)
     model = tmp_path / "Dataset001_X" / "nnUNetTrainerCPS_ensemble__nnUNetPlans__3d_fullres"
     assert written == model / "fold_0" / "checkpoint_final.pth"
-    assert json.loads((model / "plans.json").read_text()) == {"file": "plans.json"}
+    assert json.loads((model / "plans.json").read_text(encoding="utf-8")) == {"file": "plans.json"}
     exported = torch.load(written, map_location="cpu", weights_only=False)
     assert exported["trainer_name"] == "nnUNetTrainerCPS_ensemble" and exported["current_epoch"] == 3
     # what nnUNetv2_predict does: rebuild the ensemble trainer's architecture and load network_weights strictly

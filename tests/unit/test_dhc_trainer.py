@@ -249,7 +249,7 @@ def test_class_weight_log_resume_json_and_figure(tmp_path):
     record_epoch(log, "diffdw", 1, [3.0, 1.0, 2.0])
     assert all(math.isnan(v) for v in log["diffdw"][0])
     save_class_weights(log, ["background", "big", "tiny"], tmp_path / "w.json")
-    saved = json.loads((tmp_path / "w.json").read_text())
+    saved = json.loads((tmp_path / "w.json").read_text(encoding="utf-8"))
     assert saved["weights"]["diffdw"][0] == [None, None, None] and saved["class_names"][2] == "tiny"
     plot_class_weights(log, ["background", "big", "tiny"], tmp_path / "w.png")
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG"

@@ -223,7 +223,7 @@ def test_written_outputs_and_table(tmp_path):
     pred_dir, gt_dir, _ = make_nifti_cases(tmp_path)
     summary = evaluate_folders(pred_dir, gt_dir, LABELS, progress=False)
     summary_path, csv_path = write_outputs(summary, tmp_path / "out")
-    loaded = json.loads(summary_path.read_text())  # strict JSON: no NaN tokens
+    loaded = json.loads(summary_path.read_text(encoding="utf-8"))  # strict JSON: no NaN tokens
     assert loaded["per_case"][2]["metrics"]["spleen"]["hd95"] is None
     table_from_file = format_summary_table(loaded)
     assert table_from_file == format_summary_table(summary)
@@ -245,7 +245,7 @@ def test_cli_dataset_json_output_folder_and_errors(tmp_path, capsys):
     args = [str(pred_dir), str(gt_dir), "--dataset-json", str(dataset_json), "--no-progress"]
     assert main([*args, "-o", str(out), "--tolerance", "2.5"]) == 0
     assert "NSD@2.5mm" in capsys.readouterr().out
-    assert json.loads((out / "summary.json").read_text())["tolerance_mm"] == 2.5
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8"))["tolerance_mm"] == 2.5
     assert (out / "per_case.csv").is_file()
     assert not (pred_dir / "summary.json").exists()
 
@@ -255,7 +255,7 @@ def test_cli_dataset_json_output_folder_and_errors(tmp_path, capsys):
     assert "case_b" in err and "no prediction" in err
     assert main([*args, "--only-predicted"]) == 0
     written = pred_dir / "nnssl_evaluation" / "summary.json"  # the default: a new subfolder of PRED_DIR
-    assert json.loads(written.read_text())["references_without_prediction"] == ["case_b"]
+    assert json.loads(written.read_text(encoding="utf-8"))["references_without_prediction"] == ["case_b"]
     capsys.readouterr()
     assert main([*args, "--only-predicted"]) == 1  # existing results are never replaced silently
     assert f"{written} already exists" in capsys.readouterr().err

@@ -82,9 +82,9 @@ def test_new_dataset_roles_files_and_no_withheld_label(tmp_path):
     assert sorted(p.name for p in (dest / "imagesUnlabeled").iterdir()) == ["u2_0000.nii.gz"]
     image = sitk.GetArrayFromImage(sitk.ReadImage(str(dest / "imagesTr" / "pl_u3_0000.nii.gz")))
     assert np.all(image == 2)  # u3 is the third unlabeled case, filled with 2
-    dj = json.loads((dest / "dataset.json").read_text())
+    dj = json.loads((dest / "dataset.json").read_text(encoding="utf-8"))
     assert dj["numTraining"] == 4 and dj["numUnlabeled"] == 1 and dj["name"] == "TinyPL"
-    assert (dest / "pseudolabel_report.md").read_text() == "# r\n"
+    assert (dest / "pseudolabel_report.md").read_text(encoding="utf-8") == "# r\n"
 
     with pytest.raises(FileExistsError, match="--overwrite"):
         write_pseudo_labeled_dataset(source, dest, ["u1"], files, {}, {}, "")
@@ -237,7 +237,7 @@ def test_finetune_split_of_fewer_than_five_real_cases_stops_with_a_message(tmp_p
 
     fake.dataset_class = SimpleNamespace(get_identifiers=lambda folder: keys + ["case_6", "case_7"])
     write_split_of_real_cases(fake)
-    splits = json.loads((tmp_path / "splits_final.json").read_text())
+    splits = json.loads((tmp_path / "splits_final.json").read_text(encoding="utf-8"))
     assert len(splits) == 5 and all("pl_case_3" in s["train"] and "pl_case_3" not in s["val"] for s in splits)
 
 

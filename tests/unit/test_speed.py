@@ -209,8 +209,10 @@ def test_without_the_reference_the_ratio_is_undefined(tmp_path):
     assert math.isnan(rows[0]["ratio_to_nnUNetTrainer"])
     write_outputs(rows, tmp_path, {"description": "test"})
     assert {p.name for p in tmp_path.iterdir()} == {"speed.md", "speed.csv", "speed.json"}
-    assert json.loads((tmp_path / "speed.json").read_text())["rows"][0]["trainer"] == "nnUNetTrainerMeanTeacher"
-    assert (tmp_path / "speed.csv").read_text().splitlines()[0].startswith("trainer,seconds_per_iteration")
+    written = json.loads((tmp_path / "speed.json").read_text(encoding="utf-8"))
+    assert written["rows"][0]["trainer"] == "nnUNetTrainerMeanTeacher"
+    csv_header = (tmp_path / "speed.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert csv_header.startswith("trainer,seconds_per_iteration")
 
 
 def test_a_finished_row_is_reused_with_the_same_key_only_and_a_failed_one_never(tmp_path):

@@ -95,7 +95,7 @@ def test_strict_rejects_unlisted_cases_on_disk(tmp_path):
 
 def test_num_training_must_match(tmp_path):
     root = _raw(tmp_path)
-    dj = json.loads((root / "dataset.json").read_text())
+    dj = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     dj["numTraining"] = 5
     (root / "dataset.json").write_text(json.dumps(dj))
     with pytest.raises(SplitError, match="numTraining=5"):

@@ -50,7 +50,7 @@ def test_same_seed_same_arrays_different_seed_different(tmp_path, kind):
     assert arr_a.keys() == arr_b.keys()
     for key in arr_a:
         assert arr_a[key].tobytes() == arr_b[key].tobytes(), key
-    assert (a / "ssl_split.json").read_text() == (b / "ssl_split.json").read_text()
+    assert (a / "ssl_split.json").read_text(encoding="utf-8") == (b / "ssl_split.json").read_text(encoding="utf-8")
     images_a = {k: v for k, v in arr_a.items() if k.startswith("images")}
     images_c = {k: v for k, v in arr_c.items() if k.startswith("images")}
     assert not any(k in images_c and images_a[k].tobytes() == images_c[k].tobytes() for k in images_a)
@@ -63,7 +63,7 @@ def test_3d_split_matches_contract(ds3d):
     assert split.labeled_fraction == pytest.approx(3 / 7)
     all_ids = split.labeled + split.unlabeled + split.test
     assert sorted(all_ids) == [f"syn_{i:04d}" for i in range(9)]
-    dj = json.loads((ds3d / "dataset.json").read_text())
+    dj = json.loads((ds3d / "dataset.json").read_text(encoding="utf-8"))
     assert dj["numTraining"] == 3 and dj["file_ending"] == ".nii.gz" and dj["channel_names"] == {"0": "CT"}
     assert dj["labels"] == {"background": 0, "liver": 1, "spleen": 2, "kidney": 3, "adrenal": 4}
     labels_tr = {p.name[: -len(".nii.gz")] for p in (ds3d / "labelsTr").iterdir()}
@@ -125,7 +125,7 @@ def test_3d_imbalance_switch(ds3d, tmp_path):
 
 def test_2d_readable_by_nnunet_natural_image_io(ds2d):
     split = load_and_validate(ds2d)
-    dj = json.loads((ds2d / "dataset.json").read_text())
+    dj = json.loads((ds2d / "dataset.json").read_text(encoding="utf-8"))
     assert dj["file_ending"] == ".png" and dj["labels"] == {"background": 0, "lesion": 1}
     io = NaturalImage2DIO()
     lesion_fractions = []
@@ -152,7 +152,7 @@ def test_refuses_existing_folder_without_overwrite(tmp_path):
     marker.write_text("keep me")
     with pytest.raises(FileExistsError, match="already exists"):
         make_synthetic_dataset(tmp_path, 7, kind="2d", seed=1, **SMALL)
-    assert marker.read_text() == "keep me"
+    assert marker.read_text(encoding="utf-8") == "keep me"
     make_synthetic_dataset(tmp_path, 7, kind="2d", seed=1, overwrite=True, **SMALL)
     assert not marker.exists()
     assert load_split(ds / "ssl_split.json").seed == 1
@@ -213,7 +213,7 @@ def test_3d_voxel_scale_resamples_the_same_anatomy(tmp_path):
 def test_cardiac_kind_acdc_labels_scanners_and_a_validation_set(tmp_path):
     ds = make_synthetic_dataset(tmp_path, 510, kind="cardiac", n_labeled=3, n_unlabeled=9, n_test=4, n_val=3, seed=2)
     split = load_and_validate(ds)
-    dataset_json = json.loads((ds / "dataset.json").read_text())
+    dataset_json = json.loads((ds / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
     assert dataset_json["overwrite_image_reader_writer"] == "NaturalImage2DIO"
     val = split.extra["val"]
@@ -269,7 +269,7 @@ def test_cardiac3d_kind_coherent_stacks_one_site_labels(tmp_path):
     ds = make_synthetic_dataset(tmp_path, 516, kind="cardiac3d", n_labeled=2, n_unlabeled=4, n_test=2, n_val=1,
                                 seed=3, labeled_scanner=0)
     split = load_and_validate(ds)
-    dataset_json = json.loads((ds / "dataset.json").read_text())
+    dataset_json = json.loads((ds / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "RV": 1, "MYO": 2, "LV": 3}
     assert dataset_json["file_ending"] == ".nii.gz" and "overwrite_image_reader_writer" not in dataset_json
     assert {split.extra["scanner_of_case"][c] for c in split.labeled} == {0}
