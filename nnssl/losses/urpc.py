@@ -44,13 +44,12 @@ def urpc_consistency(pyramid_logits: Sequence[Tensor]) -> Tensor:
     if any(z.shape != shape for z in pyramid_logits) or len(shape) < 3:
         raise ValueError(f"pyramid logits must share one shape (N, K, *spatial); got "
                          f"{[tuple(z.shape) for z in pyramid_logits]}")
-    log_probs = [F.log_softmax(z.float(), dim=1) for z in pyramid_logits]
-    probs = [lp.exp() for lp in log_probs]
-    mean = torch.stack(probs).mean(0)
-    terms = []
-    for p, log_p in zip(probs, log_probs):
-        variance = (torch.xlogy(mean, mean) - mean * log_p).sum(1, keepdim=True)  # KLDivLoss(log p_i, P) summed
-        exp_variance = torch.exp(-variance)
-        rectified = torch.mean((mean - p) ** 2 * exp_variance) / (torch.mean(exp_variance) + 1e-8)
-        terms.append(rectified + torch.mean(variance))
-    return torch.stack(terms).mean()
+    # all levels at once on a stacked (S, N, K, *spatial) tensor: the same arithmetic as one level at a time, in a
+    # fixed number of operations instead of ~8 per level (what made URPC's step 1.23x nnU-Net's tax on the CPU preset)
+    log_p = F.log_softmax(torch.stack(pyramid_logits).float(), dim=2)
+    p = log_p.exp()
+    mean = p.mean(0)
+    variance = (torch.xlogy(mean, mean) - mean * log_p).sum(2, keepdim=True)  # (S, N, 1, ...): KL(P || p_i)
+    exp_variance = torch.exp(-variance)
+    rectified = ((mean - p) ** 2 * exp_variance).flatten(1).mean(1) / (exp_variance.flatten(1).mean(1) + 1e-8)
+    return (rectified + variance.flatten(1).mean(1)).mean()
