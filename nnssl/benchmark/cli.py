@@ -42,6 +42,10 @@ under both budgets: ``both``) and are paired with the equal-iteration bars in be
 is not run under equal time: its stage 1 is the labeled-only run and uses the whole budget (see the budget module).
 Time-budget rows are saved under ``rows/`` with the budget and their scaled schedule in the key.
 
+``--reference-repeats R`` trains the labeled-only reference R times per seed (rows ``BASELINE#2`` ... ``BASELINE#R``,
+training seed ``seed + 1000 (k - 1)``, models under ``nnUNet_results/reference_repeat<k>``); the tables merge them
+into one reference row per seed, their per-test-case mean (:func:`merge_reference_repeats`).
+
 ``--synthetic`` generates the datasets of ``--preset`` (:mod:`nnssl.benchmark.presets`; default: the converged
 label-efficiency preset ``cardiac2d``) and runs every seed in ``--seeds`` (default: seed 0) with the preset's CPU
 schedule, predicting without mirroring; ``--smoke`` shrinks everything to seconds (used by the test suite). Every row
@@ -55,6 +59,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -112,6 +117,13 @@ PSEUDO_LABEL_REGISTRY = "pseudolabel_datasets.json"
 # the fully supervised reference: BASELINE trained on the labeled + unlabeled cases with their withheld labels
 FULL_REFERENCE = "FullySupervised"
 FULL_REFERENCE_REGISTRY = "full_reference_datasets.json"
+# --reference-repeats R: the labeled-only reference trained R times per seed (same data, other initialisation and
+# sampling), its rows BASELINE, BASELINE#2, ..., BASELINE#R, averaged per test case into the one reference every gain,
+# gap and paired test is measured against. One nnU-Net training of 2-3 labeled cases moves by as much as the effects
+# measured (seed 0 of cardiac2d: 0.703 / 0.596 / 0.608 in three trainings of the same row).
+REPEAT_SEP = "#"
+REPEAT_RESULTS = "reference_repeat"  # nnUNet_results/reference_repeat<k>: the k-th training's model
+REPEAT_SEED_STRIDE = 1000  # training seed of the k-th training: seed + 1000 (k - 1); the first keeps the seed
 # the generated rows <trainer>[real+generated] / <trainer>[generated] (nnssl.benchmark.generated)
 GENERATED_REGISTRIES = ("generated_both_datasets.json", "generated_only_datasets.json")
 # The FLARE22 rule (every organ >= 2000 voxels) is meant for CT volumes of ~10^7 voxels. On the synthetic 3D set
@@ -209,6 +221,20 @@ def _run(cmd: list[str], env: dict[str, str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd)} exited {rc} (log {log}):\n{tail}")
 
 
+def reference_repeat(trainer: str) -> int:
+    """k for the k-th training of the labeled-only reference (``BASELINE`` is the first, ``BASELINE#k`` the k-th),
+    0 for every other row."""
+    if trainer == BASELINE:
+        return 1
+    name, sep, k = trainer.partition(REPEAT_SEP)
+    return int(k) if name == BASELINE and sep and k.isdigit() and int(k) >= 2 else 0
+
+
+def reference_repeat_rows(repeats: int) -> list[str]:
+    """The rows of the 2nd to ``repeats``-th training of the labeled-only reference."""
+    return [f"{BASELINE}{REPEAT_SEP}{k}" for k in range(2, repeats + 1)]
+
+
 def is_pseudo_label_row(trainer: str) -> bool:
     return trainer.startswith(PSEUDO_LABEL_TRAINER)
 
@@ -223,7 +249,8 @@ class PseudoLabelRound:
 
 def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: str, fold: str,
                        env: dict[str, str], out: Path, device: str, tag: str, result: RunResult,
-                       disable_tta: bool = False, train_args: tuple[str, ...] = ()) -> Path:
+                       disable_tta: bool = False, train_args: tuple[str, ...] = (),
+                       training_seed: int | None = None) -> Path:
     """``nnUNetv2_train`` on ``dataset_id``, then ``nnUNetv2_predict`` of ``raw``'s imagesTs with that model, both
     through :mod:`nnssl.benchmark.launch` in one process; fills the cost fields of ``result`` (training only) and
     returns the prediction folder. The log of both is ``{tag}.log``."""
@@ -235,7 +262,8 @@ def _train_and_predict(trainer: str, dataset_id: int, raw: Path, configuration: 
     workers = "0" if device == "cpu" else "1"
     from nnssl.benchmark.launch import ENV_SEED, THEN
 
-    env = {**env, ENV_SEED: str(result.seed)}  # reproducible rows on a CPU (nnssl.benchmark.launch)
+    # reproducible rows on a CPU (nnssl.benchmark.launch)
+    env = {**env, ENV_SEED: str(result.seed if training_seed is None else training_seed)}
     _run([sys.executable, "-m", "nnssl.benchmark.launch", str(mem_file),
           "nnUNetv2_train", str(dataset_id), configuration, fold, "-tr", trainer, "-device", device, *train_args,
           THEN, "nnUNetv2_predict", "-i", str(raw / "imagesTs"), "-o", str(pred), "-d", str(dataset_id), "-c",
@@ -380,6 +408,13 @@ def run_trainer(trainer: str, dataset_id: int, configuration: str, fold: str, en
                                                  tag)
             pred = _train_and_predict(BASELINE, full_reference_id, raw, configuration, fold, env, out, device, tag,
                                       result, disable_tta)
+        elif reference_repeat(trainer) > 1:
+            k = reference_repeat(trainer)
+            env = {**env, "nnUNet_results": str(Path(env["nnUNet_results"]) / f"{REPEAT_RESULTS}{k}")}
+            training_seed = seed + REPEAT_SEED_STRIDE * (k - 1)
+            result.notes = f"training {k} of the labeled-only reference (training seed {training_seed})"
+            pred = _train_and_predict(BASELINE, dataset_id, raw, configuration, fold, env, out, device, tag, result,
+                                      disable_tta, training_seed=training_seed)
         elif ensemble_base(trainer):
             pred = _ensemble_predict(ensemble_base(trainer), dataset, raw, configuration, fold, env, out, device,
                                      tag, result, disable_tta)
@@ -559,11 +594,60 @@ def row_label(row: dict) -> str:
         else row["trainer"]
 
 
+def _mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: float(np.mean([d[k] for d in dicts if k in d])) for k in dict.fromkeys(k for d in dicts for k in d)}
+
+
+def merge_reference_repeats(results: list[RunResult]) -> list[RunResult]:
+    """``results`` with the trainings of the labeled-only reference of each dataset and seed (``BASELINE``,
+    ``BASELINE#k``) replaced by one row, where the first one was: Dice, NSD and per-case Dice the mean over the
+    finished trainings (per class, per test case), cost columns their mean; a note names each training's mean Dice.
+    Without repeats nothing changes."""
+    groups: dict[tuple[str, int], list[RunResult]] = {}
+    for r in results:
+        if reference_repeat(r.trainer):
+            groups.setdefault((r.dataset, r.seed), []).append(r)
+    merged: dict[tuple[str, int], RunResult] = {}
+    for key, runs in groups.items():
+        if not any(reference_repeat(r.trainer) > 1 for r in runs):
+            continue
+        ok = sorted((r for r in runs if r.error is None and r.skipped is None),
+                    key=lambda r: reference_repeat(r.trainer))
+        first = next((r for r in runs if r.trainer == BASELINE), runs[0])
+        if not ok:
+            merged[key] = dataclasses.replace(first, trainer=BASELINE)
+            continue
+        volumes = [r.volume_ratio for r in ok if r.volume_ratio]
+        each = ", ".join(f"{_mean(r.dice):.3f}" for r in ok)
+        failed = len(runs) - len(ok)
+        note = (f"mean of {len(ok)} trainings of the labeled-only reference (mean Dice {each})"
+                + (f"; {failed} training(s) failed or not computed, left out" if failed else ""))
+        merged[key] = dataclasses.replace(
+            ok[0], trainer=BASELINE, dice=_mean_of([r.dice for r in ok]), nsd=_mean_of([r.nsd for r in ok]),
+            per_case_dice={case: _mean_of([r.per_case_dice[case] for r in ok if case in r.per_case_dice])
+                           for case in dict.fromkeys(c for r in ok for c in r.per_case_dice)},
+            seconds_per_iteration=float(np.mean([r.seconds_per_iteration for r in ok])),
+            wall_seconds=float(np.mean([r.wall_seconds for r in ok])),
+            volume_ratio=_mean_of(volumes) if volumes else None,
+            notes="; ".join(n for n in (note, ok[0].notes if ok[0].trainer == BASELINE else None) if n))
+    out = []
+    for r in results:
+        key = (r.dataset, r.seed)
+        if reference_repeat(r.trainer) and key in merged:
+            if merged[key] is not None:
+                out.append(merged[key])
+                merged[key] = None  # type: ignore[assignment]  # placed once, where the first training was
+            continue
+        out.append(r)
+    return out
+
+
 def summarize(results: list[RunResult]) -> list[dict]:
     """One row per (dataset, trainer, budget): means over seeds, over seeds the spread (max - min) of mean Dice, and
     gap closed with its 95 % interval (see :mod:`nnssl.benchmark.gap`). Rows of the time budget are measured against
     the same references; with any of them every row has a ``budget`` (the references: ``both``)."""
     rows = []
+    results = merge_reference_repeats(results)
     with_budgets = any(r.budget != ITERATIONS for r in results)
     for dataset in dict.fromkeys(r.dataset for r in results):
         runs = [r for r in results if r.dataset == dataset]
@@ -826,7 +910,7 @@ def row_key_of(run: DatasetRun, trainer: str, device: str, disable_tta: bool, bu
 
 def is_reference(trainer: str) -> bool:
     """The labeled-only and the fully supervised reference: the same rows under every budget."""
-    return trainer in (BASELINE, FULL_REFERENCE)
+    return trainer == FULL_REFERENCE or reference_repeat(trainer) > 0
 
 
 def budget_trainers(trainers: list[str], budget: str, budgets: list[str] | None = None) -> list[str]:
@@ -902,8 +986,6 @@ PSEUDO_LABEL_TIME_SKIP = (f"not run at equal time: its stage 1 is the {BASELINE}
 def time_budget_run(run: DatasetRun, trainer: str, seconds: dict[str, float]) -> tuple[DatasetRun, float, str]:
     """(``run`` with ``trainer``'s equal-time schedule, the applied scale of its iterations per epoch, the row's
     note); ValueError without a calibration of both."""
-    import dataclasses
-
     from nnssl.benchmark.budget import speed_ratio, time_budget_env
 
     missing = [t for t in (BASELINE, trainer) if t not in seconds]
@@ -1071,14 +1153,16 @@ def generation_settings(args: argparse.Namespace, n_real_unlabeled: int, seed: i
     return GenerationSettings(args.generated_images or n_real_unlabeled, args.ldm_preset, ae, ldm, seed)
 
 
-def order_rows(trainers: list[str], full_reference: bool) -> list[str]:
+def order_rows(trainers: list[str], full_reference: bool, reference_repeats: int = 1) -> list[str]:
     """The references first (every gain and gap is relative to them; the baseline is stage 1 of the pseudo-label
-    row): the baseline when asked for or needed, then the full reference when wanted, then the rest."""
+    row): the baseline when asked for or needed, with its repeated trainings, then the full reference when wanted,
+    then the rest."""
     if BASELINE in trainers or any(is_pseudo_label_row(t) for t in trainers):
-        trainers = [BASELINE, *[t for t in trainers if t != BASELINE]]
+        rest = [t for t in trainers if not reference_repeat(t)]
+        trainers = [BASELINE, *reference_repeat_rows(reference_repeats), *rest]
     trainers = [t for t in trainers if t != FULL_REFERENCE]
     if full_reference:
-        at = 1 if trainers and trainers[0] == BASELINE else 0
+        at = sum(1 for t in trainers if reference_repeat(t))
         trainers = [*trainers[:at], FULL_REFERENCE, *trainers[at:]]
     return trainers
 
@@ -1157,6 +1241,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pl-min-voxels", type=int, default=None,
                         help=f"nnssl_pseudolabel --min-voxels of that row (default: 2000 as FLARE22 with -d, "
                              f"{SYNTHETIC_PL_MIN_VOXELS} on the synthetic sets)")
+    parser.add_argument("--reference-repeats", type=int, default=1, metavar="R",
+                        help=f"train the labeled-only reference R times per seed (other initialisation and sampling, "
+                             f"same data) and measure every row against their per-case mean (rows {BASELINE}"
+                             f"{REPEAT_SEP}2 ... {REPEAT_SEP}R; default 1)")
     parser.add_argument("--no-full-reference", action="store_true",
                         help=f"skip the fully supervised reference ({FULL_REFERENCE}: {BASELINE} on the labeled + "
                              f"unlabeled cases with their withheld labels; default: run it when labelsUnlabeled has "
@@ -1192,6 +1280,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--full-dataset-id is for -d; a synthetic preset uses its id + {FULL_OFFSET}")
     if args.preset and not args.synthetic:
         parser.error("--preset goes with --synthetic")
+    if args.reference_repeats < 1:
+        parser.error(f"--reference-repeats: at least 1, got {args.reference_repeats}")
     if not args.synthetic:
         args.f = args.f or "all"
 
@@ -1219,7 +1309,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.budget != ITERATIONS and BASELINE not in trainers:
         print(f"nnssl_benchmark: the time budget is the {BASELINE} run's time, so {BASELINE} runs too")
         trainers = [BASELINE, *trainers]
-    trainers = order_rows(trainers, full_reference=not args.no_full_reference)
+    trainers = order_rows(trainers, full_reference=not args.no_full_reference,
+                          reference_repeats=args.reference_repeats)
     min_voxels = args.pl_min_voxels if args.pl_min_voxels is not None else (
         SYNTHETIC_PL_MIN_VOXELS if args.synthetic else 2000)
     disable_tta = not predict_with_mirroring(args.tta, args.synthetic)

@@ -176,6 +176,22 @@ def test_benchmark_smoke_on_planned_dataset(synthetic3d, tmp_path):
     cps = [r for r in runs if r["trainer"] == "nnUNetTrainerCPS"]
     assert len(cps) == 1 and cps[0]["skipped"].startswith("not computed yet") and cps[0]["error"] is None
 
+    # --reference-repeats 2: the labeled-only reference trained a second time (its own results folder and training
+    # seed), every other row reused, and the table's reference is the mean of the two trainings
+    from nnssl.benchmark.cli import REPEAT_RESULTS
+
+    repeated = run_cli([*command, "--reference-repeats", "2"], env)
+    assert repeated.stdout.count("reusing finished row") == 4 and f"{BASELINE}#2" in repeated.stdout
+    second = tmp_path / "results" / f"{REPEAT_RESULTS}2"
+    assert (second / ds.name / f"{BASELINE}__nnUNetPlans__3d_fullres" / "fold_0" / "checkpoint_final.pth").is_file()
+    data2 = json.loads((out / "benchmark.json").read_text(encoding="utf-8"))
+    assert [r["trainer"] for r in data2["rows"]] == trainers  # still one reference row
+    assert [r["trainer"] for r in data2["runs"]][:2] == [BASELINE, f"{BASELINE}#2"]
+    assert data2["runs"][1]["error"] is None and "training seed 1000" in data2["runs"][1]["notes"]
+    per_class = np.mean([list(r["dice"].values()) for r in data2["runs"][:2]], axis=0)  # class by class
+    assert data2["rows"][0]["dice_mean"] == pytest.approx(np.nanmean(per_class))
+    assert "mean of 2 trainings of the labeled-only reference" in data2["rows"][0]["notes"]
+
 
 @pytest.mark.slow
 def test_benchmark_smoke_equal_time_budget(synthetic3d, tmp_path):
